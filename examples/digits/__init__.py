@@ -1,0 +1,1 @@
+"""sklearn digits, split across silos: the example job of ``dags/digits.yaml``."""

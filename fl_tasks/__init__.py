@@ -1,0 +1,1 @@
+"""Step side of airfed: what runs inside a pod or a local subprocess."""

@@ -1,0 +1,44 @@
+"""``python -m fl_tasks <step> --job J --round R --run-id ID [--silo S]``: one step of one round.
+
+The same argv runs in a Kubernetes pod and in the local runner's subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from fl_tasks.contract import ROUND_STEPS
+from fl_tasks.steps.common import StepArgs, StepEnv
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fl_tasks", description=__doc__)
+    parser.add_argument("step", choices=ROUND_STEPS)
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--round", default=None, help="round number ('next' for distribute)")
+    parser.add_argument("--run-id", default="manual", help="the Airflow DAG run id")
+    parser.add_argument("--silo", default=None)
+    parser.add_argument("--slot", type=int, default=None, help="round slot within the DAG run (distribute)")
+    parser.add_argument("--training", default=None, help="JSON object overriding the training config")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    round_number = None if ns.round in (None, "next") else int(ns.round)
+    training = json.loads(ns.training) if ns.training else None
+    if training is not None and not isinstance(training, dict):
+        raise SystemExit(f"--training must be a JSON object, got {ns.training!r}")
+    args = StepArgs(ns.step, ns.job, round_number, ns.run_id, ns.silo, ns.slot, training)
+    if ns.step in ("train", "validate", "evaluate") and not ns.silo:
+        raise SystemExit(f"step {ns.step} needs --silo")
+    module = importlib.import_module(f"fl_tasks.steps.{ns.step}")
+    module.run(StepEnv(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

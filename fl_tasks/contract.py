@@ -1,0 +1,74 @@
+"""The step contract shared by the Airflow side and the step side.
+
+Pure (stdlib only) on purpose: the DAG builder in ``airfed`` imports it at DAG-parse time, and a
+pod or local subprocess receives exactly the argv built here. Both runners execute the same argv,
+so a local run is the test of what a pod does.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+#: Steps of one federated round, in order. Per-silo steps map over the job's silos.
+SERVER_STEPS = ("distribute", "aggregate", "register")
+SILO_STEPS = ("train", "validate", "evaluate")
+ROUND_STEPS = ("distribute", "train", "validate", "aggregate", "evaluate", "register")
+
+#: Env var a step writes its JSON result to (the local runner reads it; on Kubernetes it points at
+#: the xcom sidecar's ``/airflow/xcom/return.json``). The result becomes the task's XCom.
+RESULT_FILE_ENV = "AIRFED_RESULT_FILE"
+#: Env var holding the absolute path of the job spec the step belongs to.
+SPEC_ENV = "AIRFED_SPEC"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a step's pod runs (ignored by the local runner)."""
+
+    kubernetes_conn_id: str | None = None
+    namespace: str | None = None
+    service_account_name: str | None = None
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict] = field(default_factory=list)
+    resources: dict[str, dict[str, str]] = field(default_factory=dict)
+    image_pull_secrets: list[str] = field(default_factory=list)
+    secrets: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """One invocation of ``python -m fl_tasks <step> ...``: what to run, with what env, where."""
+
+    step: str
+    argv: list[str]
+    env: dict[str, str]
+    silo: str | None = None
+    placement: Placement = field(default_factory=Placement)
+
+    def as_kwargs(self) -> dict:
+        """JSON-friendly form, used as the mapped kwargs of a per-silo task."""
+        return {"argv": list(self.argv), "env": dict(self.env), "silo": self.silo}
+
+
+def step_argv(
+    step: str,
+    *,
+    job: str,
+    round_ref: str,
+    run_id: str,
+    silo: str | None = None,
+    python: str | None = None,
+) -> list[str]:
+    """The argv of a step. ``round_ref`` may be a Jinja template resolved by Airflow at run time."""
+    if step not in ROUND_STEPS:
+        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS)}")
+    argv = [python or "python", "-m", "fl_tasks", step, "--job", job, "--round", round_ref, "--run-id", run_id]
+    if silo is not None:
+        argv += ["--silo", silo]
+    return argv
+
+
+def local_python() -> str:
+    """The interpreter the local runner uses: the one Airflow itself runs in."""
+    return sys.executable

@@ -1,0 +1,112 @@
+"""MLflow lineage: experiment per job, parent run per DAG run, nested run per round, registry.
+
+Only server-side steps call this; silos never need MLflow credentials. Every lookup is by tags, so
+re-running a register step finds the runs and model version it created before instead of
+duplicating them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from fl_tasks.store import airfed_home
+
+TAG_JOB = "airfed.job"
+TAG_DAG_RUN = "airfed.dag_run_id"
+TAG_ROUND = "airfed.round"
+TAG_KIND = "airfed.kind"
+CHAMPION = "champion"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{airfed_home() / 'mlflow.db'}"
+
+
+def client() -> MlflowClient:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(c: MlflowClient, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_root = os.environ.get("AIRFED_MLFLOW_ARTIFACTS")
+    if artifact_root is None and tracking_uri().startswith("sqlite:"):
+        # A SQLite store puts artifacts under ./mlruns by default; keep them in AIRFED_HOME instead.
+        artifact_root = (airfed_home() / "mlartifacts").as_uri()
+    location = f"{artifact_root.rstrip('/')}/{name.replace('/', '_')}" if artifact_root else None
+    return c.create_experiment(name, artifact_location=location, tags={TAG_JOB: name})
+
+
+def _find_run(c: MlflowClient, experiment_id: str, tags: dict[str, str]):
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = c.search_runs([experiment_id], filter_string=query, max_results=2, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def ensure_parent_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: str):
+    tags = {TAG_JOB: job, TAG_DAG_RUN: dag_run_id, TAG_KIND: "dag_run"}
+    run = _find_run(c, experiment_id, tags)
+    return run or c.create_run(experiment_id, tags=tags, run_name=dag_run_id)
+
+
+def ensure_round_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: str, r: int, parent_id: str):
+    tags = {TAG_JOB: job, TAG_DAG_RUN: dag_run_id, TAG_ROUND: str(r), TAG_KIND: "round"}
+    run = _find_run(c, experiment_id, tags)
+    if run is not None:
+        return run
+    return c.create_run(
+        experiment_id, tags={**tags, "mlflow.parentRunId": parent_id}, run_name=f"round-{r}"
+    )
+
+
+def log_round(c: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str],
+              tags: dict[str, str], step: int) -> None:
+    c.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()],
+        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+
+
+def ensure_registered_model(c: MlflowClient, name: str, job: str) -> None:
+    if not c.search_registered_models(filter_string=f"name = '{name}'"):
+        c.create_registered_model(
+            name, tags={TAG_JOB: job}, description=f"Global model of the airfed job '{job}' (safetensors)."
+        )
+
+
+def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str):
+    for version in c.search_model_versions(f"name = '{name}'"):
+        tags = version.tags
+        if tags.get("round") == str(r) and tags.get("job") == job and tags.get("dag_run_id") == dag_run_id:
+            return version
+    return None
+
+
+def register_version(c: MlflowClient, name: str, run_id: str, model_file: Path, tags: dict[str, str],
+                     description: str):
+    c.log_artifact(run_id, str(model_file), artifact_path="model")
+    source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+    return c.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+
+
+def champion(c: MlflowClient, name: str):
+    try:
+        return c.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def is_better(value: float, than: float | None, direction: str) -> bool:
+    if than is None:
+        return True
+    return value > than if direction == "maximize" else value < than

@@ -1,0 +1,1 @@
+"""One module per round step; each exposes ``run(env: StepEnv)``."""

@@ -1,0 +1,113 @@
+"""aggregate: server-side guards, quorum, the strategy, then the commit (HEAD.json written last).
+
+The new global is written as the next round's ``global.safetensors`` (the model that round trains
+from), then ``result.json``, then ``HEAD.json``. A crash before HEAD leaves the previous model as
+HEAD; a retry recomputes the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fl_tasks.aggregation import aggregate_files
+from fl_tasks.guards import check_update
+from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
+from fl_tasks.store import ChecksumMismatch, sha256_file
+
+
+class QuorumNotMet(RuntimeError):
+    pass
+
+
+def required_silos(quorum: dict, n_silos: int) -> int:
+    by_count = int(quorum.get("min_silos", 1))
+    by_fraction = math.ceil(float(quorum.get("min_fraction", 0.0)) * n_silos)
+    return max(1, by_count, by_fraction)
+
+
+def run(env: StepEnv) -> None:
+    plan = env.plan()
+    r = env.round
+    head = env.store.get_json_or_none(env.keys.head)
+    if head and head["round"] >= r:
+        result = env.store.get_json(env.keys.result(r), head.get("result_sha256") if head["round"] == r else None)
+        log(f"round {r} is already committed (HEAD is round {head['round']}); nothing to do")
+        write_result({"round": r, "accepted": result["accepted"], "new_global": result["new_global"], "reused": True})
+        return
+
+    accepted: dict[str, dict] = {}
+    rejected: dict[str, str] = {}
+    with scratch_dir() as tmp:
+        global_path = env.fetch(plan["input_global"]["key"], plan["input_global"]["sha256"], tmp)
+        inputs = []
+        for silo in plan["silos"]:
+            name = silo["name"]
+            manifest = env.store.get_json_or_none(env.keys.manifest(r, name))
+            verdict = env.store.get_json_or_none(env.keys.verdict(r, name))
+            if manifest is None:
+                rejected[name] = "no update (train failed or did not run)"
+                continue
+            if verdict is not None and not verdict.get("accepted"):
+                rejected[name] = f"rejected by validation: {verdict.get('reason')}"
+                continue
+            try:
+                path = env.fetch(manifest["key"], manifest["sha256"], tmp)
+            except ChecksumMismatch as exc:
+                rejected[name] = str(exc)
+                continue
+            guard = check_update(
+                path,
+                global_path,
+                num_examples=manifest.get("num_examples"),
+                max_update_norm=plan.get("guards", {}).get("max_update_norm"),
+            )
+            if not guard.accepted:
+                rejected[name] = guard.reason
+                continue
+            accepted[name] = {"sha256": manifest["sha256"], "num_examples": manifest["num_examples"]}
+            inputs.append((path, manifest["num_examples"]))
+        for name, reason in rejected.items():
+            log(f"round {r}: silo {name} rejected: {reason}")
+
+        need = required_silos(plan.get("quorum", {}), len(plan["silos"]))
+        if len(accepted) < need:
+            raise QuorumNotMet(
+                f"round {r}: only {len(accepted)} accepted update(s) ({', '.join(accepted) or 'none'}), "
+                f"quorum needs {need}; HEAD stays at round {head['round'] if head else 0}"
+            )
+        strategy = plan["strategy"]
+        out = tmp / "new_global.safetensors"
+        aggregate_files(strategy["name"], strategy.get("params", {}), inputs, out)
+        new_key = env.keys.global_model(r + 1)
+        new_sha = env.store.put_file(new_key, out)
+        assert new_sha == sha256_file(out)
+
+    result = {
+        "job": env.args.job,
+        "round": r,
+        "dag_run_id": plan["dag_run_id"],
+        "strategy": strategy,
+        "accepted": accepted,
+        "rejected": rejected,
+        "input_global": plan["input_global"],
+        "new_global": {"key": new_key, "sha256": new_sha},
+        "committed_at": now(),
+    }
+    result_sha = env.store.put_json(env.keys.result(r), result)
+    env.store.put_json(
+        env.keys.head,
+        {
+            "job": env.args.job,
+            "round": r,
+            "global_key": new_key,
+            "global_sha256": new_sha,
+            "result_key": env.keys.result(r),
+            "result_sha256": result_sha,
+            "dag_run_id": plan["dag_run_id"],
+        },
+    )
+    log(
+        f"round {r}: {strategy['name']} over {len(accepted)} update(s) "
+        f"({', '.join(accepted)}); committed global {new_sha[:12]}"
+    )
+    write_result({"round": r, "accepted": accepted, "rejected": rejected, "new_global": result["new_global"]})

@@ -1,0 +1,144 @@
+"""register: record the round's lineage in MLflow, register the global, move `champion` on improvement.
+
+Reads everything from the store (plan, manifests, verdicts, result, evaluations), so it can be
+re-run at any time; tag lookups make a re-run reuse the runs and version it created before.
+Writes ``registry.json`` with the round's summary (what `airfed run` prints).
+"""
+
+from __future__ import annotations
+
+from fl_tasks import lineage
+from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
+
+
+def weighted(records: list[dict], weight_key: str = "num_examples") -> dict[str, float]:
+    """Example-weighted mean of every numeric metric the records share (Flower's convention)."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for rec in records:
+        w = float(rec.get(weight_key) or rec["metrics"].get("num-examples", 0))
+        for key, value in rec["metrics"].items():
+            if key == "num-examples" or isinstance(value, bool):
+                continue
+            totals[key] = totals.get(key, 0.0) + w * float(value)
+            weights[key] = weights.get(key, 0.0) + w
+    return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+
+
+def run(env: StepEnv) -> None:
+    plan = env.plan()
+    r, job = env.round, env.args.job
+    result = env.store.get_json(env.keys.result(r))
+    manifests = {n: env.store.get_json(env.keys.manifest(r, n)) for n in result["accepted"]}
+    verdicts = {s["name"]: env.store.get_json_or_none(env.keys.verdict(r, s["name"])) for s in plan["silos"]}
+    evaluations = [
+        e for s in plan["silos"] if (e := env.store.get_json_or_none(env.keys.evaluation(r, s["name"])))
+    ]
+    train_metrics = weighted(list(manifests.values()))
+    eval_metrics = weighted(evaluations)
+    promotion = plan.get("promotion") or {"metric": "accuracy", "direction": "maximize"}
+    if promotion["metric"] not in eval_metrics:
+        raise RuntimeError(
+            f"promotion metric {promotion['metric']!r} is not among the federated evaluation metrics "
+            f"{sorted(eval_metrics)}; set promotion.metric in the spec to one the ClientApp reports"
+        )
+    value = eval_metrics[promotion["metric"]]
+
+    c = lineage.client()
+    exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
+    parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
+    round_run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
+    run_id = round_run.info.run_id
+
+    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
+    metrics.update(eval_metrics)
+    metrics.update(accepted=len(result["accepted"]), rejected=len(result["rejected"]))
+    for name, man in manifests.items():
+        metrics[f"{name}.num_examples"] = man["num_examples"]
+        metrics.update({f"{name}.{k}": v for k, v in man["metrics"].items() if k != "num-examples"})
+    for name, verdict in verdicts.items():
+        if verdict:
+            metrics.update({f"{name}.update_{k}": v for k, v in verdict["metrics"].items() if k != "num-examples"})
+    for ev in evaluations:
+        metrics.update({f"{ev['silo']}.eval_{k}": v for k, v in ev["metrics"].items() if k != "num-examples"})
+    store_url = env.store.url
+    params = {
+        "round": r,
+        "strategy": plan["strategy"]["name"],
+        "strategy_params": plan["strategy"].get("params", {}),
+        "training": plan["training"],
+        "spec_hash": plan["spec_hash"],
+        "silos": ",".join(s["name"] for s in plan["silos"]),
+        "store_url": store_url,
+        "input_global_key": plan["input_global"]["key"],
+        "input_global_sha256": plan["input_global"]["sha256"],
+        "new_global_key": result["new_global"]["key"],
+        "new_global_sha256": result["new_global"]["sha256"],
+    }
+    tags = {f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()}
+    tags.update({f"update_key.{n}": m["key"] for n, m in manifests.items()})
+    tags.update({f"rejected.{n}": reason[:4000] for n, reason in result["rejected"].items()})
+    tags.update({"plan_key": env.keys.plan(r), "result_key": env.keys.result(r)})
+    lineage.log_round(c, run_id, metrics, params, tags, step=r)
+    lineage.log_round(c, parent.info.run_id, {k: metrics[k] for k in (*eval_metrics, "accepted", "rejected")},
+                      {}, {"airfed.spec_hash": plan["spec_hash"]}, step=r)
+
+    model_name = plan["registry"]["model_name"]
+    lineage.ensure_registered_model(c, model_name, job)
+    version = lineage.find_version(c, model_name, job, r, plan["dag_run_id"])
+    if version is None:
+        with scratch_dir() as tmp:
+            model_file = env.fetch(result["new_global"]["key"], result["new_global"]["sha256"], tmp)
+            target = model_file.with_name("global.safetensors")
+            model_file.rename(target)
+            version = lineage.register_version(
+                c, model_name, run_id, target,
+                tags={
+                    "job": job, "round": str(r), "dag_run_id": plan["dag_run_id"], "spec_hash": plan["spec_hash"],
+                    "global_sha256": result["new_global"]["sha256"], "store_key": result["new_global"]["key"],
+                    "store_url": store_url, "promotion_metric": promotion["metric"],
+                    "promotion_value": repr(value),
+                    **{f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()},
+                },
+                description=f"{job} round {r}: {plan['strategy']['name']} over {', '.join(manifests)}",
+            )
+    current = lineage.champion(c, model_name)
+    current_value = None
+    if current is not None and current.version != version.version:
+        current_value = float(current.tags.get("promotion_value", "nan"))
+    promoted = current is None or current.version == version.version or lineage.is_better(
+        value, current_value, promotion["direction"]
+    )
+    if promoted:
+        c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
+    champion_version = int(version.version) if promoted else int(current.version)
+    c.set_terminated(run_id, "FINISHED")
+    c.set_terminated(parent.info.run_id, "FINISHED")
+
+    summary = {
+        "job": job,
+        "round": r,
+        "dag_run_id": plan["dag_run_id"],
+        "accepted": sorted(result["accepted"]),
+        "rejected": result["rejected"],
+        "train_loss": train_metrics.get("train_loss"),
+        "metrics": eval_metrics,
+        "promotion_metric": promotion["metric"],
+        "promotion_value": value,
+        "registry_model": model_name,
+        "registry_version": int(version.version),
+        "champion_version": champion_version,
+        "promoted": promoted and (current is None or current.version != version.version),
+        "mlflow_experiment_id": exp_id,
+        "mlflow_run_id": run_id,
+        "mlflow_parent_run_id": parent.info.run_id,
+        "tracking_uri": lineage.tracking_uri(),
+        "started_at": plan["created_at"],
+        "finished_at": now(),
+    }
+    env.store.put_json(env.keys.registry(r), summary)
+    log(
+        f"round {r}: registered {model_name} v{version.version} ({promotion['metric']}={value:.4f}); "
+        f"champion is v{champion_version}"
+    )
+    write_result(summary)

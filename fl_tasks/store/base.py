@@ -1,0 +1,157 @@
+"""The store interface: keys, checksums and the commit rule shared by every backend.
+
+Layout (DESIGN.md)::
+
+    <prefix>/<job>/HEAD.json
+    <prefix>/<job>/rounds/<r>/plan.json
+    <prefix>/<job>/rounds/<r>/global.safetensors
+    <prefix>/<job>/rounds/<r>/updates/<silo>.safetensors  (+ <silo>.json)
+    <prefix>/<job>/rounds/<r>/result.json
+
+Every object is written with its sha256 computed while it streams; readers pass the expected
+sha256 and get :class:`ChecksumMismatch` instead of the bytes when they differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+CHUNK = 8 * 1024 * 1024
+
+
+class StoreError(RuntimeError):
+    """A store operation failed in a way the user must act on."""
+
+
+class ObjectMissing(StoreError):
+    """The key does not exist."""
+
+
+class ChecksumMismatch(StoreError):
+    """The stored bytes do not match the sha256 recorded where they are referenced."""
+
+    def __init__(self, key: str, expected: str, actual: str):
+        super().__init__(
+            f"checksum mismatch for {key}: recorded sha256 {expected}, stored object has {actual}; "
+            "the object was modified or corrupted and will not be used"
+        )
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON encoding: stable bytes for the same content, so checksums are reproducible."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+class JobKeys:
+    """Key names of one job in the store (relative to the store's prefix)."""
+
+    def __init__(self, job: str):
+        self.job = job
+
+    @property
+    def head(self) -> str:
+        return f"{self.job}/HEAD.json"
+
+    def round_dir(self, r: int) -> str:
+        return f"{self.job}/rounds/{r}"
+
+    def plan(self, r: int) -> str:
+        return f"{self.round_dir(r)}/plan.json"
+
+    def global_model(self, r: int) -> str:
+        return f"{self.round_dir(r)}/global.safetensors"
+
+    def update(self, r: int, silo: str) -> str:
+        return f"{self.round_dir(r)}/updates/{silo}.safetensors"
+
+    def manifest(self, r: int, silo: str) -> str:
+        return f"{self.round_dir(r)}/updates/{silo}.json"
+
+    def verdict(self, r: int, silo: str) -> str:
+        return f"{self.round_dir(r)}/validation/{silo}.json"
+
+    def evaluation(self, r: int, silo: str) -> str:
+        return f"{self.round_dir(r)}/evaluation/{silo}.json"
+
+    def result(self, r: int) -> str:
+        return f"{self.round_dir(r)}/result.json"
+
+    def registry(self, r: int) -> str:
+        return f"{self.round_dir(r)}/registry.json"
+
+
+class Store(ABC):
+    """Object store for weights and round records. Backends: local directory, S3/MinIO."""
+
+    url: str
+
+    # -- primitives every backend implements -------------------------------------------------
+    @abstractmethod
+    def put_file(self, key: str, path: str | Path) -> str:
+        """Upload a local file (streamed); return its sha256."""
+
+    @abstractmethod
+    def get_file(self, key: str, dest: str | Path, sha256: str | None = None) -> str:
+        """Download to ``dest`` (streamed), verifying ``sha256`` when given; return the sha256.
+
+        On mismatch ``dest`` is removed and :class:`ChecksumMismatch` raised."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> str:
+        """Store small bytes (JSON records); return their sha256."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Read small bytes; raise :class:`ObjectMissing` if absent."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under ``prefix`` (recursive), sorted."""
+
+    def prepare(self) -> None:
+        """Create what the store needs (directory, bucket). Called by the distribute step."""
+
+    def describe(self, key: str) -> str:
+        """Human-readable location of a key, for messages."""
+        return f"{self.url.rstrip('/')}/{key}"
+
+    # -- helpers built on the primitives -------------------------------------------------------
+    def put_json(self, key: str, obj: Any) -> str:
+        return self.put_bytes(key, json_bytes(obj))
+
+    def get_json(self, key: str, sha256: str | None = None) -> Any:
+        data = self.get_bytes(key)
+        if sha256 is not None:
+            actual = sha256_bytes(data)
+            if actual != sha256:
+                raise ChecksumMismatch(self.describe(key), sha256, actual)
+        return json.loads(data)
+
+    def get_json_or_none(self, key: str) -> Any:
+        try:
+            return self.get_json(key)
+        except ObjectMissing:
+            return None

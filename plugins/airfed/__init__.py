@@ -1,0 +1,1 @@
+"""airfed: federated learning as declarative, scheduled Apache Airflow workflows (Airflow side)."""

@@ -1,0 +1,21 @@
+"""Runners turn StepCalls into Airflow operators: ``local`` (subprocess) or ``kubernetes`` (pods)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fl_tasks.contract import StepCall
+
+from airfed.spec import JobSpec
+
+OperatorFactory = Callable[[str, StepCall | list[StepCall]], Any]
+
+
+def operator_factory(spec: JobSpec) -> OperatorFactory:
+    """The function that makes the task for one step of a round, for the spec's runner."""
+    if spec.runner == "local":
+        from airfed.runners.local import local_task
+
+        return local_task
+    raise NotImplementedError(f"runner {spec.runner!r} is not available yet")

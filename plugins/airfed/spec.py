@@ -1,0 +1,257 @@
+"""The job spec: pydantic models for the YAML a user drops into ``dags/``.
+
+The models are the single source of truth: ``airfed schema`` exports their JSON Schema, the loader
+and ``airfed validate`` use them, and the DAG builder consumes the validated objects. Unknown fields
+are errors everywhere (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fl_tasks.strategy_names import STRATEGY_PARAMS
+
+NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label: valid as a pod name part
+JOB_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+IMPORT_REF_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+CRON_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@annually"}
+#: env names that carry credentials: they must come from Kubernetes Secrets / the worker env.
+SECRET_ENV_RE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY)", re.IGNORECASE)
+
+ConfigScalar = int | float | bool | str
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_import_ref(value: str) -> str:
+    if not IMPORT_REF_RE.match(value):
+        raise ValueError(f"{value!r} is not a 'module:attribute' reference (e.g. 'my_pkg.client:app')")
+    return value
+
+
+ImportRef = Annotated[str, Field(description="Python reference 'package.module:attribute'.")]
+
+
+class SecretRef(Strict):
+    """A Kubernetes Secret exposed to the step's pod as env vars (never a literal value)."""
+
+    secret: str = Field(pattern=NAME_RE, description="Name of the Kubernetes Secret.")
+    key: str | None = Field(None, description="One key of the Secret; omit to expose every key.")
+    env: str | None = Field(None, description="Env var name for `key` (defaults to the key).")
+
+    @model_validator(mode="after")
+    def _env_needs_key(self) -> SecretRef:
+        if self.env and not self.key:
+            raise ValueError("'env' needs 'key': name the Secret key to expose as this env var")
+        return self
+
+
+class Placement(Strict):
+    """Where a step's pod runs. Ignored by the local runner."""
+
+    kubernetes_conn_id: str | None = Field(None, description="Airflow connection of the silo's cluster.")
+    namespace: str | None = Field(None, pattern=NAME_RE)
+    service_account_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    resources: dict[Literal["requests", "limits"], dict[str, str | int]] = Field(default_factory=dict)
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    secrets: list[SecretRef] = Field(default_factory=list)
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for name in env:
+        if SECRET_ENV_RE.search(name):
+            raise ValueError(
+                f"env {name!r} looks like a credential; give it as a Kubernetes Secret ref under "
+                "placement.secrets (or in the worker environment), never as a literal value in a spec"
+            )
+    return env
+
+
+class Silo(Strict):
+    name: str = Field(pattern=NAME_RE, max_length=40, description="Silo name (DNS label).")
+    data: str = Field(description="Data location, handed to the client app as node config 'data-path'.")
+    node_config: dict[str, ConfigScalar] = Field(
+        default_factory=dict, description="Extra Flower node config for this silo's ClientApp."
+    )
+    placement: Placement = Field(default_factory=Placement)
+    env: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars for this silo's steps.")
+
+    _env = field_validator("env")(_check_env)
+
+
+class ModelInit(Strict):
+    """The round-1 global model: a factory returning a torch state dict, or a safetensors seed."""
+
+    init: ImportRef | None = Field(None, description="'module:function' returning a torch state_dict.")
+    seed: str | None = Field(None, description="Path to a .safetensors file with the initial weights.")
+
+    _init = field_validator("init")(lambda v: v if v is None else _check_import_ref(v))
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelInit:
+        if bool(self.init) == bool(self.seed):
+            raise ValueError("give exactly one of 'init' (module:function) or 'seed' (.safetensors path)")
+        return self
+
+
+class Strategy(Strict):
+    name: str = Field("FedAvg", description=f"Flower strategy name: {', '.join(STRATEGY_PARAMS)}.")
+    params: dict[str, ConfigScalar] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in STRATEGY_PARAMS:
+            raise ValueError(f"unknown strategy {value!r}; expected one of {', '.join(STRATEGY_PARAMS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _known_params(self) -> Strategy:
+        allowed = STRATEGY_PARAMS[self.name]
+        for key, value in self.params.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown parameter {key!r} for {self.name}; accepted: {', '.join(allowed) or 'none'}"
+                )
+            expected = allowed[key][0]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                raise ValueError(f"parameter {key!r} of {self.name} must be {expected.__name__}, got {value!r}")
+        return self
+
+
+class Quorum(Strict):
+    min_silos: int = Field(1, ge=1, description="Fewest accepted updates a round may commit with.")
+    min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Fewest accepted updates, as a fraction.")
+
+
+class Guards(Strict):
+    max_update_norm: float | None = Field(
+        None, gt=0, description="Reject updates whose L2 distance from the global exceeds this."
+    )
+
+
+class Promotion(Strict):
+    metric: str = Field("accuracy", description="Federated evaluation metric that decides `champion`.")
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class Registry(Strict):
+    model_name: str | None = Field(None, description="MLflow registered model (default: the job name).")
+    experiment: str | None = Field(None, description="MLflow experiment (default: 'airfed/<job>').")
+
+
+class Data(Strict):
+    """How silo data is prepared on first use (examples and demos; real silos bring their own)."""
+
+    prepare: ImportRef | None = Field(None, description="'module:function(silos, options)' creating missing data.")
+    options: dict[str, ConfigScalar] = Field(default_factory=dict, description="Passed to `prepare`.")
+
+    _prepare = field_validator("prepare")(lambda v: v if v is None else _check_import_ref(v))
+
+
+class JobSpec(Strict):
+    """A federated learning job: one Airflow DAG, each run performing `rounds_per_run` rounds."""
+
+    job: str = Field(pattern=JOB_RE, description="Job name; also the DAG id.")
+    description: str = ""
+    schedule: str | None = Field(None, description="Cron expression or preset; null = trigger only.")
+    rounds_per_run: int = Field(1, ge=1, le=100)
+    max_rounds_per_run: int | None = Field(
+        None, ge=1, le=100, description="Most rounds the trigger form may ask for (default rounds_per_run)."
+    )
+    client_app: ImportRef = Field(description="The Flower ClientApp, 'module:attribute'.")
+    model: ModelInit
+    strategy: Strategy = Field(default_factory=Strategy)
+    quorum: Quorum = Field(default_factory=Quorum)
+    guards: Guards = Field(default_factory=Guards)
+    training: dict[str, ConfigScalar] = Field(
+        default_factory=dict, description="Train config (Flower ConfigRecord) sent to the client app."
+    )
+    promotion: Promotion = Field(default_factory=Promotion)
+    registry: Registry = Field(default_factory=Registry)
+    runner: Literal["local", "kubernetes"] = "local"
+    image: str | None = Field(None, description="The fl-task image (kubernetes runner).")
+    placement: Placement = Field(default_factory=Placement, description="Server-side steps' placement.")
+    env: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars for every step.")
+    data: Data = Field(default_factory=Data)
+    silos: list[Silo] = Field(min_length=1)
+    tags: list[str] = Field(default_factory=list)
+
+    _client_app = field_validator("client_app")(_check_import_ref)
+    _env = field_validator("env")(_check_env)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is None or value in CRON_PRESETS:
+            return value
+        from croniter import croniter
+
+        if not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a valid cron expression (e.g. '0 3 * * *') or preset")
+        return value
+
+    @field_validator("silos")
+    @classmethod
+    def _unique_silos(cls, silos: list[Silo]) -> list[Silo]:
+        seen: set[str] = set()
+        for silo in silos:
+            if silo.name in seen:
+                raise ValueError(f"duplicate silo name {silo.name!r}")
+            seen.add(silo.name)
+        return silos
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        if self.quorum.min_silos > len(self.silos):
+            raise ValueError(
+                f"quorum.min_silos={self.quorum.min_silos} is larger than the number of silos ({len(self.silos)})"
+            )
+        if self.max_rounds_per_run is not None and self.max_rounds_per_run < self.rounds_per_run:
+            raise ValueError("max_rounds_per_run must be >= rounds_per_run")
+        if self.runner == "kubernetes" and not self.image:
+            raise ValueError("runner 'kubernetes' needs 'image' (the fl-task image)")
+        return self
+
+    # -- derived values ------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.registry.model_name or self.job
+
+    @property
+    def experiment_name(self) -> str:
+        return self.registry.experiment or f"airfed/{self.job}"
+
+    @property
+    def unrolled_rounds(self) -> int:
+        return self.max_rounds_per_run or self.rounds_per_run
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def step_payload(self) -> str:
+        """The spec as the distribute step receives it: validated JSON plus derived names."""
+        payload = self.model_dump(mode="json")
+        payload.update(_hash=self.spec_hash(), _model_name=self.model_name, _experiment=self.experiment_name)
+        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def json_schema() -> dict[str, Any]:
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "airfed job spec"
+    return schema

@@ -10,7 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_state_dict(
+    state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     """Write a state dict as safetensors (tensors made contiguous, detached, on CPU)."""
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     save_file(tensors, str(path), metadata=metadata)

@@ -18,7 +18,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,9 +78,21 @@ def free_port() -> int:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST, as a crashed peer or a dropping middlebox would."""
+    """Drop the connection abruptly (RST), as a crashed peer or a middlebox would."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
+
+
+def _hang_up(sock: socket.socket) -> None:
+    """End the connection after the bytes already sent (FIN, so the peer reads them all first).
+
+    ``shutdown`` also wakes the pump thread blocked in ``recv`` on this socket."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
     finally:
         sock.close()
 
@@ -108,7 +120,8 @@ class FaultProxy:
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         self.reset_next = 0  # reset this many new connections after they send their request
         self.slowdown_next = 0  # answer this many new connections with 503 SlowDown
-        self.cut_after: int | None = None  # cut the next response stream after this many bytes
+        self.cut_after: int | None = None  # end the next response stream after this many bytes
+        self.before_cut: Callable[[], None] | None = None  # runs just before that stream is cut
         self.requests: list[str] = []  # request heads forwarded upstream
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -154,7 +167,9 @@ class FaultProxy:
                     cut, self.cut_after = self.cut_after, None
                 if cut is not None and sent + len(data) > cut:
                     conn.sendall(data[: max(0, cut - sent)])
-                    _reset(conn)
+                    if self.before_cut:
+                        self.before_cut()
+                    _hang_up(conn)
                     return up.close()
                 with self.lock:
                     if cut is not None:
@@ -539,6 +554,21 @@ def test_interrupted_download_resumes(s3: S3Store, proxy: FaultProxy, tmp_path: 
     assert len(gets) == 2
     assert "range: bytes=" not in gets[0]
     assert "range: bytes=" in gets[1] and "if-match:" in gets[1]  # resumed, pinned to the same object
+
+
+def test_download_restarts_when_object_is_replaced_midway(
+    s3: S3Store, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    (tmp_path / "old.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    s3.put_file("g.bin", tmp_path / "old.bin")
+    new = os.urandom(3 * 1024 * 1024)
+    proxy.cut_after = 2 * 1024 * 1024
+    proxy.before_cut = lambda: tamper(s3, "g.bin", new)
+    flaky = S3Store(s3.bucket, s3.prefix, endpoint=proxy.url, retries=3, backoff=0.01)
+    assert flaky.get_file("g.bin", tmp_path / "out.bin") == hashlib.sha256(new).hexdigest()
+    assert (tmp_path / "out.bin").read_bytes() == new  # never a splice of the old and new objects
+    gets = [r for r in proxy.requests if r.startswith("get /")]
+    assert len(gets) == 3 and "if-match:" in gets[1] and "range:" not in gets[2]
 
 
 def test_connection_refused_is_bounded(s3_store_url: str) -> None:  # noqa: F811

@@ -42,10 +42,11 @@ def train(msg: Message, context: Context) -> Message:
             optimizer.zero_grad()
             loss = loss_fn(model(xb), yb)
             if mu > 0:
-                loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+                params = zip(model.parameters(), global_params, strict=True)
+                loss = loss + mu / 2 * sum(((p - g) ** 2).sum() for p, g in params)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(yb)
+            total += loss.item() * len(yb)
             seen += len(yb)
     metrics = MetricRecord({"train_loss": total / max(seen, 1), "num-examples": len(loader.dataset)})
     return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)

@@ -60,4 +60,5 @@ def prepare(silos: list[dict], options: dict) -> None:
         path = Path(silo["data"])
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, train_images=x[train], train_labels=y[train], val_images=x[val], val_labels=y[val])
-        print(f"[airfed] wrote {path}: {len(train)} train / {len(val)} val, classes {np.bincount(y[idx], minlength=10).tolist()}")
+        classes = np.bincount(y[idx], minlength=10).tolist()
+        print(f"[airfed] wrote {path}: {len(train)} train / {len(val)} val, examples per class {classes}")

@@ -131,7 +131,7 @@ class Store(ABC):
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (recursive), sorted."""
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook; most backends need nothing
         """Create what the store needs (directory, bucket). Called by the distribute step."""
 
     def describe(self, key: str) -> str:

@@ -30,8 +30,9 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 import certifi
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PART_SIZE = 16 * 1024 * 1024
+READ_CHUNK = 1024 * 1024  # a broken download resumes from the last whole chunk written
 SHA256_META = "sha256"  # sent as x-amz-meta-sha256
 DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
 DEFAULT_RETRIES = 5
@@ -65,7 +67,6 @@ TRANSIENT_CODES = {
     "InternalError",
     "ServiceUnavailable",
     "OperationAborted",
-    "RequestTimeTooSkewed",  # transient only if the clock is fixed meanwhile; bounded anyway
     "XMinioServerNotInitialized",
 }
 HINTS = {
@@ -80,6 +81,8 @@ HINTS = {
     "InvalidToken": "AWS_SESSION_TOKEN is invalid",
     "NoSuchBucket": "bucket {bucket} does not exist; the distribute step creates it (Store.prepare()), "
     "or create it beforehand",
+    "RequestTimeTooSkewed": "this machine's clock differs from the server's by more than 15 minutes; "
+    "sync it (NTP)",
     "InvalidBucketName": "{bucket} is not a valid S3 bucket name",
     "BucketAlreadyExists": "bucket name {bucket} is taken by another account; pick another bucket",
 }
@@ -102,6 +105,17 @@ class _HashingReader:
         self.digest.update(data)
         self.nbytes += len(data)
         return data
+
+
+@dataclass
+class _Download:
+    """Progress of one download, kept across attempts so a retry resumes where the last one broke."""
+
+    written: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    etag: str | None = None
+    size: int | None = None
+    recorded: str | None = None  # x-amz-meta-sha256 of the object
 
 
 def _env_int(name: str, default: int) -> int:
@@ -388,42 +402,42 @@ class S3Store(Store):
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-        state: dict = {"written": 0, "digest": hashlib.sha256(), "etag": None, "size": None, "meta": None}
+        got = _Download()
         try:
             with open(tmp, "wb") as out:
 
                 def download() -> None:
-                    if state["written"] and state["written"] == state["size"]:
+                    if got.written and got.written == got.size:
                         return
-                    headers = {"If-Match": state["etag"]} if state["written"] and state["etag"] else None
+                    resume = {"If-Match": got.etag} if got.written and got.etag else None
                     try:
                         resp = self._client.get_object(
-                            self.bucket, name, offset=state["written"], request_headers=headers
+                            self.bucket, name, offset=got.written, request_headers=resume
                         )
                     except S3Error as exc:
                         if exc.code == "PreconditionFailed":  # replaced since the first attempt
                             out.seek(0)
                             out.truncate()
-                            state.update(written=0, digest=hashlib.sha256(), etag=None, size=None)
+                            got.__init__()
                             raise _Restart(f"{self.describe(key)} changed during download") from exc
                         raise
                     try:
-                        if state["etag"] is None:
-                            state["etag"] = resp.headers.get("ETag")
-                            state["meta"] = resp.headers.get(f"x-amz-meta-{SHA256_META}")
+                        if got.etag is None:
+                            got.etag = resp.headers.get("ETag")
+                            got.recorded = resp.headers.get(f"x-amz-meta-{SHA256_META}")
                             length = resp.headers.get("Content-Length")
-                            state["size"] = int(length) if length is not None else None
-                        for chunk in resp.stream(CHUNK):
+                            got.size = int(length) if length is not None else None
+                        for chunk in resp.stream(READ_CHUNK):
                             out.write(chunk)
-                            state["digest"].update(chunk)
-                            state["written"] += len(chunk)
+                            got.digest.update(chunk)
+                            got.written += len(chunk)
                     finally:
                         resp.close()
                         resp.release_conn()
 
                 self._call("get", key, download)
-            actual = state["digest"].hexdigest()
-            expected = sha256 or state["meta"]
+            actual = got.digest.hexdigest()
+            expected = sha256 or got.recorded
             if expected is not None and actual != expected:
                 dest.unlink(missing_ok=True)
                 raise ChecksumMismatch(self.describe(key), expected, actual)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from fl_tasks.contract import SPEC_ENV, Placement, StepCall, step_argv
-
 from airfed.spec import JobSpec
 from airfed.spec import Placement as PlacementSpec
+from fl_tasks.contract import SPEC_ENV, Placement, StepCall, step_argv
 
 
 def _placement(spec: PlacementSpec) -> Placement:
@@ -27,7 +26,7 @@ def distribute_task_id(slot: int) -> str:
 
 def round_template(slot: int) -> str:
     """Jinja resolving to the absolute round number that this slot's distribute step chose."""
-    return "{{ ti.xcom_pull(task_ids='%s')['round'] }}" % distribute_task_id(slot)
+    return "{{ ti.xcom_pull(task_ids='" + distribute_task_id(slot) + "')['round'] }}"
 
 
 def round_calls(spec: JobSpec, slot: int) -> dict[str, StepCall | list[StepCall]]:

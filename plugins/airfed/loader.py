@@ -48,7 +48,8 @@ def build_all(paths: list[Path]) -> tuple[dict[str, DAG], list[Problem]]:
         try:
             spec = load_spec(path)
             if spec.job in dags:
-                problems.append(Problem(str(path), None, "job", f"job {spec.job!r} is already defined by {origin[spec.job]}"))
+                message = f"job {spec.job!r} is already defined by {origin[spec.job]}"
+                problems.append(Problem(str(path), None, "job", message))
                 continue
             dags[spec.job] = build_dag(spec, path)
             origin[spec.job] = path

@@ -187,13 +187,15 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
     }
     ok = state == "success" and len(records) == n_rounds
     print(
-        f"airfed: run {run_id} {state}: {len(records)}/{n_rounds} rounds committed, HEAD is round {summary['head_round']}",
+        f"airfed: run {run_id} {state}: {len(records)}/{n_rounds} rounds committed, "
+        f"HEAD is round {summary['head_round']}",
         file=out,
     )
     print(f"  store:    {store.url}/{spec.job}/", file=out)
     if last:
         print(
-            f"  mlflow:   {summary['mlflow_tracking_uri']} (experiment '{spec.experiment_name}', run {summary['mlflow_run_id']})"
+            f"  mlflow:   {summary['mlflow_tracking_uri']} "
+            f"(experiment '{spec.experiment_name}', run {summary['mlflow_run_id']})"
             f"\n            browse with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}",
             file=out,
         )

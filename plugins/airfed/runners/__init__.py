@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fl_tasks.contract import StepCall
-
 from airfed.spec import JobSpec
+from fl_tasks.contract import StepCall
 
 OperatorFactory = Callable[[str, StepCall | list[StepCall]], Any]
 

@@ -1,0 +1,48 @@
+"""Test setup: Airflow, the store and MLflow all live under throw-away directories.
+
+Airflow reads its configuration when first imported, so its environment is set here, before any
+test module imports it. Each test gets its own AIRFED_HOME (store, MLflow SQLite, data).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="airfed-tests-"))
+
+os.environ["AIRFED_HOME"] = str(SESSION_HOME / "home")
+for var in ("AIRFED_STORE_URL", "MLFLOW_TRACKING_URI", "AIRFED_SPECS", "AIRFED_UNROLL_ROUNDS"):
+    os.environ.pop(var, None)
+sys.path.insert(0, str(REPO))
+os.chdir(REPO)
+
+from airfed.environment import configure  # noqa: E402
+
+configure(dags_folder=REPO / "dags")
+
+from s3_server import s3_endpoint, s3_store_url  # noqa: E402,F401
+
+
+@pytest.fixture
+def airfed_home(tmp_path, monkeypatch) -> Path:
+    """A fresh AIRFED_HOME with the embedded defaults (local store, SQLite MLflow)."""
+    home = tmp_path / "airfed-home"
+    home.mkdir()
+    monkeypatch.setenv("AIRFED_HOME", str(home))
+    monkeypatch.setenv("AIRFED_STORE_URL", f"file://{home / 'store'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    return home
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Airflow's metadata DB, migrated once per session (SQLite)."""
+    from airfed.environment import migrate_airflow_db
+
+    migrate_airflow_db()

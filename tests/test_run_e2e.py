@@ -1,0 +1,123 @@
+"""End to end: ``airfed run dags/digits.yaml`` through Airflow's dag.test(), real torch, real MLflow.
+
+One fresh AIRFED_HOME: a first run of 5 rounds, then a second run of 2 that must continue at round 6.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def airfed_run(home: Path, *args: str, env_extra: dict | None = None) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
+    env.update({"AIRFED_HOME": str(home), **(env_extra or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "airfed.cli", "run", str(REPO / "dags" / "digits.yaml"), "--json", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+def referenced_objects(store_root: Path):
+    """Every (key, sha256) pair recorded in the store's JSON records."""
+    for record_path in store_root.rglob("*.json"):
+        record = json.loads(record_path.read_text())
+        stack = [record]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if isinstance(node.get("key"), str) and isinstance(node.get("sha256"), str):
+                    yield record_path, node["key"], node["sha256"]
+                if "global_key" in node and "global_sha256" in node:
+                    yield record_path, node["global_key"], node["global_sha256"]
+                if "result_key" in node and "result_sha256" in node:
+                    yield record_path, node["result_key"], node["result_sha256"]
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    first, first_out = airfed_run(home, "--rounds", "5")
+    second, second_out = airfed_run(home, "--rounds", "2")
+    return home, first, first_out, second, second_out
+
+
+def test_first_run_trains_five_rounds_and_converges(runs):
+    _home, first, out, _second, _ = runs
+    assert first["state"] == "success"
+    assert [r["round"] for r in first["rounds"]] == [1, 2, 3, 4, 5]
+    accuracies = [r["metrics"]["accuracy"] for r in first["rounds"]]
+    assert accuracies[-1] >= 0.85, accuracies
+    assert accuracies[-1] > accuracies[0]
+    assert all(sorted(r["accepted"]) == ["asia", "eu", "us"] for r in first["rounds"])
+    assert first["head_round"] == 5 and first["registry_version"] == 5
+    # one progress line per round, then where to look
+    progress = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(progress) == 5 and "val accuracy" in progress[0]
+    assert "mlflow:" in out and "registry:" in out and "store:" in out
+
+
+def test_second_run_continues_from_head(runs):
+    _home, first, _, second, _ = runs
+    assert [r["round"] for r in second["rounds"]] == [6, 7]
+    assert second["head_round"] == 7
+    assert second["rounds"][0]["metrics"]["accuracy"] >= first["rounds"][-1]["metrics"]["accuracy"] - 0.05
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+def test_every_recorded_sha256_matches_its_object(runs):
+    home, *_ = runs
+    store = home / "store"
+    checked = 0
+    for record, key, sha in referenced_objects(store):
+        data = (store / key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha, f"{key} (referenced by {record})"
+        checked += 1
+    assert checked > 7 * 3 * 2  # globals, updates, results across 7 rounds
+    assert json.loads((store / "digits" / "HEAD.json").read_text())["round"] == 7
+
+
+def test_mlflow_lineage_and_registry(runs):
+    from mlflow import MlflowClient
+
+    home, first, _, second, _ = runs
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("airfed/digits")
+    assert exp is not None
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.tags["airfed.dag_run_id"] == first["dag_run_id"]
+    nested = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(int(r.data.tags["airfed.round"]) for r in nested) == [1, 2, 3, 4, 5]
+    round_5 = next(r for r in nested if r.data.tags["airfed.round"] == "5")
+    for silo in ("us", "eu", "asia"):
+        assert f"{silo}.train_loss" in round_5.data.metrics
+        assert f"{silo}.eval_accuracy" in round_5.data.metrics
+        assert len(round_5.data.tags[f"update_sha256.{silo}"]) == 64
+    assert round_5.data.metrics["accepted"] == 3 and round_5.data.metrics["rejected"] == 0
+    assert len(round_5.data.params["new_global_sha256"]) == 64
+
+    versions = client.search_model_versions("name = 'digits-mlp'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, 8))
+    v5 = next(v for v in versions if v.version == "5")
+    for tag in ("job", "round", "dag_run_id", "spec_hash", "global_sha256", "update_sha256.us"):
+        assert v5.tags.get(tag), tag
+    assert v5.tags["round"] == "5" and v5.tags["dag_run_id"] == first["dag_run_id"]
+    champion = client.get_model_version_by_alias("digits-mlp", "champion")
+    assert int(champion.version) == second["champion_version"]
+    best = max(versions, key=lambda v: float(v.tags["promotion_value"]))
+    assert champion.version == best.version

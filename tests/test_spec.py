@@ -1,0 +1,133 @@
+"""Job spec validation: every problem reported as file:line: field.path: message."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from airfed.cli import main as airfed_main
+from airfed.spec_loader import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = textwrap.dedent(
+    """\
+    job: tiny
+    schedule: "0 3 * * *"
+    client_app: examples.digits.client_app:app
+    model:
+      init: examples.digits.model:initial_state
+    silos:
+      - name: a
+        data: /tmp/a.npz
+      - name: b
+        data: /tmp/b.npz
+    """
+)
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(path: Path) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_example_spec_is_valid():
+    spec = load_spec(REPO / "dags" / "digits.yaml")
+    assert [s.name for s in spec.silos] == ["us", "eu", "asia"]
+    assert spec.client_app == "examples.digits.client_app:app"
+    assert len(spec.spec_hash()) == 64
+
+
+def test_four_problems_one_line_each_with_field_and_line(tmp_path, capsys):
+    bad = write(
+        tmp_path,
+        "bad.yaml",
+        textwrap.dedent(
+            """\
+            job: tiny
+            schedule: "every night"
+            colour: blue
+            model:
+              init: examples.digits.model:initial_state
+            silos:
+              - name: a
+                data: /tmp/a.npz
+              - name: a
+                data: /tmp/b.npz
+            """
+        ),
+    )
+    lines = problems_of(bad)
+    assert len(lines) == 4, lines
+    text = "\n".join(lines)
+    assert f"{bad}:3: colour: unknown field" in text
+    assert f"{bad}:2: schedule: 'every night' is not a valid cron expression" in text
+    assert f"{bad}:6: silos: duplicate silo name 'a'" in text
+    assert f"{bad}:1: client_app: required field is missing" in text
+
+    assert airfed_main(["validate", str(bad)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert sorted(out) == sorted(lines)
+
+
+def test_valid_spec_exits_zero(tmp_path):
+    assert airfed_main(["validate", "-q", str(write(tmp_path, "ok.yaml", GOOD))]) == 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "message"),
+    [
+        ("client_app: not-a-ref", "client_app", "is not a 'module:attribute' reference"),
+        ("rounds_per_run: -2", "rounds_per_run", "greater than or equal to 1"),
+        ("strategy: {name: FedMagic}", "strategy.name", "unknown strategy 'FedMagic'"),
+        ("strategy: {name: FedAvg, params: {eta: 0.1}}", "strategy", "unknown parameter 'eta' for FedAvg"),
+        ("quorum: {min_silos: 5}", "<spec>", "quorum.min_silos=5 is larger than the number of silos (2)"),
+        ("env: {AWS_SECRET_ACCESS_KEY: hunter2}", "env", "looks like a credential"),
+        ("silos: []", "silos", "at least 1 item"),
+        ("model: {init: a.b:c, seed: /x.safetensors}", "model", "exactly one of"),
+        ("runner: kubernetes", "<spec>", "runner 'kubernetes' needs 'image'"),
+    ],
+)
+def test_single_problem_names_the_field(tmp_path, patch, field, message):
+    data = yaml.safe_load(GOOD)
+    data.update(yaml.safe_load(patch))
+    path = write(tmp_path, "case.yaml", yaml.safe_dump(data, sort_keys=False))
+    lines = problems_of(path)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{path}:")
+    assert f": {field}: " in lines[0] and message in lines[0], lines[0]
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = write(tmp_path, "broken.yaml", "job: tiny\nsilos: [\n  - name: a\n")
+    (line,) = problems_of(path)
+    assert line.startswith(f"{path}:") and "invalid YAML" in line
+
+
+def test_yaml_tags_are_not_constructed(tmp_path):
+    path = write(tmp_path, "tag.yaml", GOOD + "description: !!python/object/apply:os.system ['true']\n")
+    (line,) = problems_of(path)
+    assert "invalid YAML" in line
+
+
+def test_duplicate_yaml_key_is_reported(tmp_path):
+    path = write(tmp_path, "dup.yaml", GOOD + "job: other\n")
+    assert any(": job: duplicate key" in line for line in problems_of(path))
+
+
+def test_schema_is_exported_from_the_models(capsys):
+    assert airfed_main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False
+    assert {"job", "client_app", "model", "silos"} <= set(schema["required"])
+    assert "strategy" in schema["properties"]

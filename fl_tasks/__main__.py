@@ -8,10 +8,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import signal
 import sys
 
-from fl_tasks.contract import ROUND_STEPS
-from fl_tasks.steps.common import StepArgs, StepEnv
+from fl_tasks.contract import ROUND_STEPS, TIMEOUT_ENV
+from fl_tasks.steps.common import StepArgs, StepEnv, log
+
+
+class StepTimeout(TimeoutError):
+    """The step ran longer than its limit (``AIRFED_STEP_TIMEOUT``)."""
+
+
+def _arm_timeout() -> None:
+    seconds = int(os.environ.get(TIMEOUT_ENV) or 0)
+    if seconds <= 0:
+        return
+
+    def expire(_signum, _frame):
+        raise StepTimeout(f"timed out after {seconds}s (execution.silo/server_timeout_seconds)")
+
+    signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     if ns.step in ("train", "validate", "evaluate") and not ns.silo:
         raise SystemExit(f"step {ns.step} needs --silo")
     module = importlib.import_module(f"fl_tasks.steps.{ns.step}")
-    module.run(StepEnv(args))
+    env = StepEnv(args)
+    _arm_timeout()
+    try:
+        module.run(env)
+    except BaseException as exc:
+        signal.alarm(0)
+        recorder = getattr(module, "record_failure", None)
+        if recorder is not None and not isinstance(exc, KeyboardInterrupt):
+            try:
+                recorder(env, exc)
+            except Exception as record_exc:  # never mask the step's own error
+                log(f"could not record the failure in the store: {record_exc}")
+        raise
+    finally:
+        signal.alarm(0)
     return 0
 
 

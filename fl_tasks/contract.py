@@ -18,8 +18,11 @@ ROUND_STEPS = ("distribute", "train", "validate", "aggregate", "evaluate", "regi
 #: Env var a step writes its JSON result to (the local runner reads it; on Kubernetes it points at
 #: the xcom sidecar's ``/airflow/xcom/return.json``). The result becomes the task's XCom.
 RESULT_FILE_ENV = "AIRFED_RESULT_FILE"
-#: Env var holding the absolute path of the job spec the step belongs to.
+#: Env var holding the job spec (validated, as JSON) for the distribute step.
 SPEC_ENV = "AIRFED_SPEC"
+#: Env var with the step's own time limit in seconds: the step stops itself and records
+#: "timed out" before Airflow's execution_timeout (a little later) would kill it.
+TIMEOUT_ENV = "AIRFED_STEP_TIMEOUT"
 
 
 @dataclass(frozen=True)

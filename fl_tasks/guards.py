@@ -29,10 +29,15 @@ def check_update(
     *,
     num_examples: object,
     max_update_norm: float | None = None,
+    max_num_examples: int | None = None,
 ) -> GuardResult:
-    """Same keys/shapes/dtypes as the global, all values finite, positive example count, norm bound."""
+    """Same keys/shapes/dtypes as the global, all values finite, sane example count, norm bound."""
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
         return GuardResult(False, f"num-examples must be a positive integer, got {num_examples!r}")
+    if max_num_examples is not None and num_examples > max_num_examples:
+        return GuardResult(
+            False, f"num-examples {num_examples} exceeds guards.max_num_examples={max_num_examples}"
+        )
     try:
         ours, theirs = tensor_specs(update_path), tensor_specs(global_path)
     except Exception as exc:  # a corrupt file is a rejection reason, not a crash
@@ -55,5 +60,19 @@ def check_update(
             sq += float((delta * delta).sum())
     norm = math.sqrt(sq)
     if max_update_norm is not None and norm > max_update_norm:
-        return GuardResult(False, f"update L2 norm {norm:.4g} exceeds guards.max_update_norm={max_update_norm}", norm)
+        return GuardResult(
+            False, f"update L2 norm {norm:.4g} exceeds guards.max_update_norm={max_update_norm}", norm
+        )
     return GuardResult(True, "", norm)
+
+
+def check_with_spec_guards(update_path: str | Path, global_path: str | Path, num_examples: object,
+                           guards: dict) -> GuardResult:
+    """:func:`check_update` with the bounds from the spec's ``guards`` section (as in plan.json)."""
+    return check_update(
+        update_path,
+        global_path,
+        num_examples=num_examples,
+        max_update_norm=guards.get("max_update_norm"),
+        max_num_examples=guards.get("max_num_examples"),
+    )

@@ -7,6 +7,7 @@ duplicating them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -67,12 +68,17 @@ def ensure_round_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: 
     )
 
 
+def _param_value(value: object) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
+    return text[:6000]
+
+
 def log_round(c: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str],
               tags: dict[str, str], step: int) -> None:
     c.log_batch(
         run_id,
         metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()],
-        params=[Param(k, str(v)[:6000]) for k, v in params.items()],
+        params=[Param(k, _param_value(v)) for k, v in params.items()],
         tags=[RunTag(k, str(v)) for k, v in tags.items()],
     )
 

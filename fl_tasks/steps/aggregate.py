@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 
 from fl_tasks.aggregation import aggregate_files
-from fl_tasks.guards import check_update
-from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
-from fl_tasks.store import ChecksumMismatch, sha256_file
+from fl_tasks.faults import crash_point
+from fl_tasks.guards import check_with_spec_guards
+from fl_tasks.privacy import add_gaussian_noise, clip_file, noise_stddev
+from fl_tasks.steps.common import StepEnv, log, missing_update_reason, now, scratch_dir, write_result
+from fl_tasks.store import ChecksumMismatch
 
 
 class QuorumNotMet(RuntimeError):
@@ -43,50 +45,66 @@ def run(env: StepEnv) -> None:
         for silo in plan["silos"]:
             name = silo["name"]
             manifest = env.store.get_json_or_none(env.keys.manifest(r, name))
+            if manifest is not None and manifest.get("dag_run_id") != plan["dag_run_id"]:
+                manifest = None  # left over from an earlier, uncommitted attempt at this round
             verdict = env.store.get_json_or_none(env.keys.verdict(r, name))
             if manifest is None:
-                rejected[name] = "no update (train failed or did not run)"
+                rejected[name] = missing_update_reason(env, r, name)
                 continue
-            if verdict is not None and not verdict.get("accepted"):
-                rejected[name] = f"rejected by validation: {verdict.get('reason')}"
+            if verdict is not None and verdict.get("update_sha256") == manifest["sha256"] and not verdict["accepted"]:
+                rejected[name] = f"rejected by the silo's validation: {verdict.get('reason')}"
                 continue
             try:
                 path = env.fetch(manifest["key"], manifest["sha256"], tmp)
             except ChecksumMismatch as exc:
                 rejected[name] = str(exc)
                 continue
-            guard = check_update(
-                path,
-                global_path,
-                num_examples=manifest.get("num_examples"),
-                max_update_norm=plan.get("guards", {}).get("max_update_norm"),
-            )
+            guard = check_with_spec_guards(path, global_path, manifest.get("num_examples"), plan.get("guards", {}))
             if not guard.accepted:
                 rejected[name] = guard.reason
                 continue
-            accepted[name] = {"sha256": manifest["sha256"], "num_examples": manifest["num_examples"]}
+            dp = plan.get("differential_privacy")
+            if dp and dp["mode"] == "server":
+                clipped = tmp / f"{name}.clipped.safetensors"
+                factor = clip_file(path, global_path, clipped, guard.update_norm or 0.0, dp["clipping_norm"])
+                log(f"round {r}: silo {name} update norm {guard.update_norm:.4g} clipped by factor {factor:.4g}")
+                path = clipped
+            accepted[name] = {
+                "sha256": manifest["sha256"], "num_examples": manifest["num_examples"], "update_norm": guard.update_norm
+            }
             inputs.append((path, manifest["num_examples"]))
         for name, reason in rejected.items():
             log(f"round {r}: silo {name} rejected: {reason}")
 
         need = required_silos(plan.get("quorum", {}), len(plan["silos"]))
         if len(accepted) < need:
-            raise QuorumNotMet(
+            message = (
                 f"round {r}: only {len(accepted)} accepted update(s) ({', '.join(accepted) or 'none'}), "
                 f"quorum needs {need}; HEAD stays at round {head['round'] if head else 0}"
             )
+            env.store.put_json(env.keys.result(r), {
+                "job": env.args.job, "round": r, "dag_run_id": plan["dag_run_id"], "committed": False,
+                "reason": message, "accepted": accepted, "rejected": rejected, "input_global": plan["input_global"],
+            })
+            raise QuorumNotMet(message)
         strategy = plan["strategy"]
         out = tmp / "new_global.safetensors"
         aggregate_files(strategy["name"], strategy.get("params", {}), inputs, out)
+        dp = plan.get("differential_privacy")
+        if dp:
+            stddev = noise_stddev(dp["noise_multiplier"], dp["clipping_norm"], len(inputs))
+            add_gaussian_noise(out, stddev)
+            log(f"round {r}: differential privacy ({dp['mode']}-side clipping): Gaussian noise std {stddev:.4g}")
         new_key = env.keys.global_model(r + 1)
         new_sha = env.store.put_file(new_key, out)
-        assert new_sha == sha256_file(out)
 
     result = {
         "job": env.args.job,
         "round": r,
         "dag_run_id": plan["dag_run_id"],
+        "committed": True,
         "strategy": strategy,
+        "differential_privacy": plan.get("differential_privacy"),
         "accepted": accepted,
         "rejected": rejected,
         "input_global": plan["input_global"],
@@ -94,6 +112,7 @@ def run(env: StepEnv) -> None:
         "committed_at": now(),
     }
     result_sha = env.store.put_json(env.keys.result(r), result)
+    crash_point("aggregate:before-head")
     env.store.put_json(
         env.keys.head,
         {

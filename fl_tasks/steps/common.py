@@ -67,6 +67,14 @@ class StepEnv:
         return dest
 
 
+def missing_update_reason(env: StepEnv, r: int, silo: str) -> str:
+    """Why a silo has no update this round, from the status its train step recorded."""
+    status = env.store.get_json_or_none(env.keys.status(r, silo))
+    if status is None:
+        return "no update: train did not run or was killed before it could record why"
+    return f"no update: train {status['state'].replace('_', ' ')}: {status['reason']}"
+
+
 @contextmanager
 def scratch_dir():
     with tempfile.TemporaryDirectory(prefix="airfed-") as tmp:

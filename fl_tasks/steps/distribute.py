@@ -88,6 +88,7 @@ def run(env: StepEnv) -> None:
         "strategy": strategy,
         "quorum": spec.get("quorum", {}),
         "guards": spec.get("guards", {}),
+        "differential_privacy": spec.get("differential_privacy"),
         "promotion": spec.get("promotion", {}),
         "registry": {"model_name": spec["_model_name"], "experiment": spec["_experiment"]},
         "training": training,

@@ -25,10 +25,35 @@ def weighted(records: list[dict], weight_key: str = "num_examples") -> dict[str,
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
 
 
+class RoundNotCommitted(RuntimeError):
+    pass
+
+
+def record_uncommitted(env: StepEnv, plan: dict, result: dict | None) -> None:
+    """A round that did not commit still gets an MLflow round run (status FAILED) saying why."""
+    r, job = env.round, env.args.job
+    reason = (result or {}).get("reason") or "aggregate did not commit this round (see its task log)"
+    c = lineage.client()
+    exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
+    parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
+    run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
+    rejected = (result or {}).get("rejected", {})
+    tags = {f"rejected.{n}": why[:4000] for n, why in rejected.items()}
+    tags["airfed.failure"] = reason[:4000]
+    metrics = {"accepted": len((result or {}).get("accepted", {})), "rejected": len(rejected), "committed": 0}
+    lineage.log_round(c, run.info.run_id, metrics, {"round": r, "spec_hash": plan["spec_hash"]}, tags, step=r)
+    c.set_terminated(run.info.run_id, "FAILED")
+    c.set_terminated(parent.info.run_id, "FAILED")
+    raise RoundNotCommitted(f"round {r} was not committed: {reason}")
+
+
 def run(env: StepEnv) -> None:
     plan = env.plan()
     r, job = env.round, env.args.job
-    result = env.store.get_json(env.keys.result(r))
+    head = env.store.get_json_or_none(env.keys.head)
+    result = env.store.get_json_or_none(env.keys.result(r))
+    if head is None or head["round"] < r or result is None or not result.get("committed", True):
+        record_uncommitted(env, plan, result)
     manifests = {n: env.store.get_json(env.keys.manifest(r, n)) for n in result["accepted"]}
     verdicts = {s["name"]: env.store.get_json_or_none(env.keys.verdict(r, s["name"])) for s in plan["silos"]}
     evaluations = [
@@ -52,7 +77,7 @@ def run(env: StepEnv) -> None:
 
     metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
     metrics.update(eval_metrics)
-    metrics.update(accepted=len(result["accepted"]), rejected=len(result["rejected"]))
+    metrics.update(accepted=len(result["accepted"]), rejected=len(result["rejected"]), committed=1)
     for name, man in manifests.items():
         metrics[f"{name}.num_examples"] = man["num_examples"]
         metrics.update({f"{name}.{k}": v for k, v in man["metrics"].items() if k != "num-examples"})
@@ -67,6 +92,8 @@ def run(env: StepEnv) -> None:
         "strategy": plan["strategy"]["name"],
         "strategy_params": plan["strategy"].get("params", {}),
         "training": plan["training"],
+        "differential_privacy": plan.get("differential_privacy"),
+        "quorum": plan.get("quorum", {}),
         "spec_hash": plan["spec_hash"],
         "silos": ",".join(s["name"] for s in plan["silos"]),
         "store_url": store_url,

@@ -9,8 +9,19 @@ from __future__ import annotations
 import time
 
 from fl_tasks.bridge import call_client_app, load_client_app, silo_node_id
+from fl_tasks.privacy import clip_state
 from fl_tasks.steps.common import StepEnv, log, scratch_dir, write_result
 from fl_tasks.weights import load_state_dict, save_state_dict
+
+
+def record_failure(env: StepEnv, exc: BaseException) -> None:
+    """Record why this silo has no update (the aggregator reports it in result.json and MLflow)."""
+    state = "timed_out" if isinstance(exc, TimeoutError) else "failed"
+    reason = f"{type(exc).__name__}: {exc}" if state == "failed" else str(exc)
+    env.store.put_json(
+        env.keys.status(env.round, env.args.silo),
+        {"silo": env.args.silo, "round": env.round, "dag_run_id": env.args.run_id, "state": state, "reason": reason},
+    )
 
 
 def run(env: StepEnv) -> None:
@@ -35,8 +46,13 @@ def run(env: StepEnv) -> None:
             app, "train", state, config, silo=silo, round_number=r, node_id=silo_node_id(name)
         )
         seconds = time.time() - started
+        arrays = reply.arrays
+        dp = plan.get("differential_privacy")
+        if dp and dp["mode"] == "client":
+            arrays, norm = clip_state(arrays, state, dp["clipping_norm"])
+            log(f"round {r}: silo {name} clipped its update (norm {norm:.4g}) to {dp['clipping_norm']}")
         update_path = tmp / "update.safetensors"
-        save_state_dict(reply.arrays, update_path, metadata={"job": env.args.job, "round": str(r), "silo": name})
+        save_state_dict(arrays, update_path, metadata={"job": env.args.job, "round": str(r), "silo": name})
         sha = env.store.put_file(update_key, update_path)
     manifest = {
         "job": env.args.job,

@@ -8,8 +8,8 @@ The verdict goes to ``validation/<silo>.json``; the aggregator re-runs the guard
 from __future__ import annotations
 
 from fl_tasks.bridge import call_client_app, load_client_app, silo_node_id
-from fl_tasks.guards import check_update
-from fl_tasks.steps.common import StepEnv, log, scratch_dir, write_result
+from fl_tasks.guards import check_with_spec_guards
+from fl_tasks.steps.common import StepEnv, log, missing_update_reason, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch
 from fl_tasks.weights import load_state_dict
 
@@ -19,9 +19,11 @@ def run(env: StepEnv) -> None:
     silo = env.silo_entry(plan)
     r, name = env.round, silo["name"]
     manifest = env.store.get_json_or_none(env.keys.manifest(r, name))
-    verdict: dict = {"job": env.args.job, "round": r, "silo": name, "metrics": {}}
+    if manifest is not None and manifest.get("dag_run_id") != plan["dag_run_id"]:
+        manifest = None  # left over from an earlier, uncommitted attempt at this round
+    verdict: dict = {"job": env.args.job, "round": r, "silo": name, "dag_run_id": plan["dag_run_id"], "metrics": {}}
     if manifest is None:
-        verdict.update(accepted=False, reason="no update was stored (train did not finish)")
+        verdict.update(accepted=False, reason=missing_update_reason(env, r, name))
     else:
         verdict["update_sha256"] = manifest["sha256"]
         with scratch_dir() as tmp:
@@ -31,11 +33,8 @@ def run(env: StepEnv) -> None:
             except ChecksumMismatch as exc:
                 update_path, reason = None, str(exc)
             if update_path is not None:
-                guard = check_update(
-                    update_path,
-                    global_path,
-                    num_examples=manifest.get("num_examples"),
-                    max_update_norm=plan.get("guards", {}).get("max_update_norm"),
+                guard = check_with_spec_guards(
+                    update_path, global_path, manifest.get("num_examples"), plan.get("guards", {})
                 )
                 reason = guard.reason
                 verdict["update_norm"] = guard.update_norm

@@ -87,6 +87,9 @@ class JobKeys:
     def manifest(self, r: int, silo: str) -> str:
         return f"{self.round_dir(r)}/updates/{silo}.json"
 
+    def status(self, r: int, silo: str) -> str:
+        return f"{self.round_dir(r)}/updates/{silo}.status.json"
+
     def verdict(self, r: int, silo: str) -> str:
         return f"{self.round_dir(r)}/validation/{silo}.json"
 

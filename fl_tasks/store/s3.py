@@ -81,8 +81,7 @@ HINTS = {
     "InvalidToken": "AWS_SESSION_TOKEN is invalid",
     "NoSuchBucket": "bucket {bucket} does not exist; the distribute step creates it (Store.prepare()), "
     "or create it beforehand",
-    "RequestTimeTooSkewed": "this machine's clock differs from the server's by more than 15 minutes; "
-    "sync it (NTP)",
+    "RequestTimeTooSkewed": "this machine's clock differs from the server's by more than 15 minutes; sync it (NTP)",
     "InvalidBucketName": "{bucket} is not a valid S3 bucket name",
     "BucketAlreadyExists": "bucket name {bucket} is taken by another account; pick another bucket",
 }
@@ -220,9 +219,7 @@ class S3Store(Store):
                 raise_on_status=False,  # let minio parse the final 5xx into an S3Error
             ),
         )
-        self._client = Minio(
-            netloc, secure=secure, region=self.region, credentials=credentials, http_client=http
-        )
+        self._client = Minio(netloc, secure=secure, region=self.region, credentials=credentials, http_client=http)
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -371,9 +368,7 @@ class S3Store(Store):
         sha = hashlib.sha256(data).hexdigest()
 
         def upload() -> None:
-            self._client.put_object(
-                self.bucket, name, io.BytesIO(data), len(data), metadata={SHA256_META: sha}
-            )
+            self._client.put_object(self.bucket, name, io.BytesIO(data), len(data), metadata={SHA256_META: sha})
 
         self._call("put", key, upload)
         return sha
@@ -411,9 +406,7 @@ class S3Store(Store):
                         return
                     resume = {"If-Match": got.etag} if got.written and got.etag else None
                     try:
-                        resp = self._client.get_object(
-                            self.bucket, name, offset=got.written, request_headers=resume
-                        )
+                        resp = self._client.get_object(self.bucket, name, offset=got.written, request_headers=resume)
                     except S3Error as exc:
                         if exc.code == "PreconditionFailed":  # replaced since the first attempt
                             out.seek(0)

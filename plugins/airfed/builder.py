@@ -8,7 +8,7 @@ Parse-time cheap: no torch, flwr, mlflow or user-code imports.
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,19 @@ from airflow.sdk import DAG, Param, TaskGroup
 
 from airfed.calls import round_calls
 from airfed.spec import JobSpec
+from fl_tasks.contract import SILO_STEPS
 
 #: env override of how many round slots to unroll: ``airfed run --rounds N`` unrolls exactly N, so
 #: no skipped slots slow its run down.
 UNROLL_ENV = "AIRFED_UNROLL_ROUNDS"
 START_DATE = datetime(2025, 1, 1, tzinfo=UTC)
+#: Airflow's execution_timeout is a backstop this much after the step's own timeout, which lets the
+#: step record why it stopped ("timed out") before Airflow kills it.
+TIMEOUT_GRACE_SECONDS = 60
+#: Steps that run whatever the state of their upstream tasks: validate records "no update" for a
+#: silo whose training failed, aggregate applies the quorum to whatever updates exist, register
+#: records the round once aggregate committed it even if a silo's evaluation failed.
+ALL_DONE_STEPS = ("validate", "aggregate", "register")
 
 
 def round_gate(slot: int, **context: Any) -> bool:
@@ -34,6 +42,22 @@ def round_gate(slot: int, **context: Any) -> bool:
 def unrolled_rounds(spec: JobSpec) -> int:
     override = int(os.environ.get(UNROLL_ENV) or 0)
     return override if override > 0 else spec.unrolled_rounds
+
+
+def task_options(spec: JobSpec, step: str) -> dict[str, Any]:
+    """Airflow task arguments of a step: timeout, retries with backoff, trigger rule."""
+    ex = spec.execution
+    timeout = ex.silo_timeout_seconds if step in SILO_STEPS else ex.server_timeout_seconds
+    options: dict[str, Any] = {
+        "execution_timeout": timedelta(seconds=timeout + TIMEOUT_GRACE_SECONDS),
+        "retries": ex.retries,
+        "retry_delay": timedelta(seconds=ex.retry_delay_seconds),
+        "retry_exponential_backoff": ex.retry_exponential_backoff,
+        "max_retry_delay": timedelta(seconds=ex.max_retry_delay_seconds),
+    }
+    if step in ALL_DONE_STEPS:
+        options["trigger_rule"] = "all_done"
+    return options
 
 
 def _doc(spec: JobSpec, spec_path: Path) -> str:
@@ -81,8 +105,8 @@ def build_dag(spec: JobSpec, spec_path: str | Path) -> DAG:
                     ignore_downstream_trigger_rules=False,
                 )
                 calls = round_calls(spec, slot)
-                chain = [gate] + [factory(step, calls[step]) for step in
-                                  ("distribute", "train", "validate", "aggregate", "evaluate", "register")]
+                steps = ("distribute", "train", "validate", "aggregate", "evaluate", "register")
+                chain = [gate] + [factory(step, calls[step], task_options(spec, step)) for step in steps]
                 for upstream, downstream in zip(chain, chain[1:], strict=False):
                     upstream >> downstream
             if previous is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airfed.spec import JobSpec
 from airfed.spec import Placement as PlacementSpec
-from fl_tasks.contract import SPEC_ENV, Placement, StepCall, step_argv
+from fl_tasks.contract import SPEC_ENV, TIMEOUT_ENV, Placement, StepCall, step_argv
 
 
 def _placement(spec: PlacementSpec) -> Placement:
@@ -32,19 +32,21 @@ def round_template(slot: int) -> str:
 def round_calls(spec: JobSpec, slot: int) -> dict[str, StepCall | list[StepCall]]:
     """StepCalls of round slot ``slot`` (1-based) of a DAG run, keyed by step name."""
     job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
+    server_env = {**job_env, TIMEOUT_ENV: str(spec.execution.server_timeout_seconds)}
+    silo_timeout = {TIMEOUT_ENV: str(spec.execution.silo_timeout_seconds)}
     server = _placement(spec.placement)
     run_id = "{{ run_id }}"
     rnd = round_template(slot)
 
     def server_call(step: str, argv: list[str], extra_env: dict[str, str] | None = None) -> StepCall:
-        return StepCall(step, argv, {**job_env, **(extra_env or {})}, None, server)
+        return StepCall(step, argv, {**server_env, **(extra_env or {})}, None, server)
 
     def silo_calls(step: str) -> list[StepCall]:
         return [
             StepCall(
                 step,
                 step_argv(step, job=spec.job, round_ref=rnd, run_id=run_id, silo=silo.name),
-                {**job_env, **silo.env},
+                {**job_env, **silo.env, **silo_timeout},
                 silo.name,
                 _placement(silo.placement),
             )

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the JSON Schema of a job spec")
     schema.set_defaults(func=_cmd_schema)
+
+    from airfed import render
+
+    render.add_commands(sub)
     return parser
 
 

@@ -139,6 +139,32 @@ class Guards(Strict):
     max_update_norm: float | None = Field(
         None, gt=0, description="Reject updates whose L2 distance from the global exceeds this."
     )
+    max_num_examples: int | None = Field(
+        None, ge=1, description="Reject updates claiming more training examples than this."
+    )
+
+
+class Execution(Strict):
+    """Timeouts and retries of the steps (Airflow's execution_timeout / retries / retry_delay)."""
+
+    silo_timeout_seconds: int = Field(3600, ge=1, description="Per-silo step limit (train, validate, evaluate).")
+    server_timeout_seconds: int = Field(3600, ge=1, description="Server step limit (distribute, aggregate, register).")
+    retries: int = Field(1, ge=0, le=20, description="Retries of a failed step.")
+    retry_delay_seconds: int = Field(30, ge=0)
+    retry_exponential_backoff: float = Field(
+        2.0, ge=0, description="Multiplier of the retry delay per attempt (Airflow's); 0 = constant delay."
+    )
+    max_retry_delay_seconds: int = Field(900, ge=0)
+
+
+class DifferentialPrivacy(Strict):
+    """Fixed clipping with Gaussian noise, as Flower's DifferentialPrivacy{Server,Client}SideFixedClipping."""
+
+    mode: Literal["server", "client"] = Field(
+        description="'server': the aggregator clips each update; 'client': each silo clips its own update."
+    )
+    noise_multiplier: float = Field(ge=0)
+    clipping_norm: float = Field(gt=0)
 
 
 class Promotion(Strict):
@@ -175,6 +201,8 @@ class JobSpec(Strict):
     strategy: Strategy = Field(default_factory=Strategy)
     quorum: Quorum = Field(default_factory=Quorum)
     guards: Guards = Field(default_factory=Guards)
+    differential_privacy: DifferentialPrivacy | None = None
+    execution: Execution = Field(default_factory=Execution)
     training: dict[str, ConfigScalar] = Field(
         default_factory=dict, description="Train config (Flower ConfigRecord) sent to the client app."
     )

@@ -16,6 +16,8 @@ from pydantic import ValidationError
 from airfed.spec import JobSpec
 
 SPEC_SUFFIXES = (".yaml", ".yml")
+#: pydantic names each member of a union in an error's location; report the field once instead.
+SCALAR_UNION_MEMBERS = {"int", "float", "bool", "str"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
+        seen: set[tuple[str, str]] = set()
         for key, value in node.value:
             name = str(key.value)
             if name in seen:
@@ -97,14 +99,22 @@ def parse_spec_text(text: str, file: str) -> JobSpec:
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
+        seen: set[tuple[str, str]] = set()
         for err in exc.errors():
             loc = tuple(err["loc"])
             message = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
+            if loc and loc[-1] in SCALAR_UNION_MEMBERS:  # one problem, not one per member of the union
+                loc = loc[:-1]
+                message = f"must be a number, boolean or string, got {err['input']!r}"
+            elif err["type"] == "extra_forbidden":
                 message = "unknown field"
             elif err["type"] == "missing":
                 message = "required field is missing"
-            problems.append(Problem(file, _line_of(root, loc), _field_path(loc), message))
+            path = _field_path(loc)
+            if (path, message) in seen:
+                continue
+            seen.add((path, message))
+            problems.append(Problem(file, _line_of(root, loc), path, message))
         raise SpecError(problems) from None
     if problems:
         raise SpecError(problems)

@@ -8,7 +8,8 @@ from typing import Any
 from airfed.spec import JobSpec
 from fl_tasks.contract import StepCall
 
-OperatorFactory = Callable[[str, StepCall | list[StepCall]], Any]
+#: (step name, its StepCall or per-silo StepCalls, Airflow task options) -> the step's task
+OperatorFactory = Callable[[str, StepCall | list[StepCall], dict[str, Any]], Any]
 
 
 def operator_factory(spec: JobSpec) -> OperatorFactory:
@@ -17,4 +18,8 @@ def operator_factory(spec: JobSpec) -> OperatorFactory:
         from airfed.runners.local import local_task
 
         return local_task
+    if spec.runner == "kubernetes":
+        from airfed.runners.kubernetes import kubernetes_tasks
+
+        return kubernetes_tasks(spec)
     raise NotImplementedError(f"runner {spec.runner!r} is not available yet")

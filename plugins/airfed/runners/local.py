@@ -80,10 +80,10 @@ class LocalStepOperator(BaseOperator):
         self._kill()
 
 
-def local_task(step: str, call: StepCall | list[StepCall]) -> Any:
+def local_task(step: str, call: StepCall | list[StepCall], options: dict[str, Any]) -> Any:
     """A server step as one task; a per-silo step as one task mapped over the silos."""
     if isinstance(call, StepCall):
-        return LocalStepOperator(task_id=step, step=step, argv=call.argv, env=call.env)
+        return LocalStepOperator(task_id=step, step=step, argv=call.argv, env=call.env, **options)
     return LocalStepOperator.partial(
-        task_id=step, step=step, map_index_template="{{ task.silo }}"
+        task_id=step, step=step, map_index_template="{{ task.silo }}", **options
     ).expand_kwargs([c.as_kwargs() for c in call])

@@ -1,0 +1,74 @@
+"""Differential privacy as Flower does it: fixed clipping of each update plus Gaussian noise.
+
+``mode: client`` (Flower's DifferentialPrivacyClientSideFixedClipping): each silo's train step
+clips its own update before it leaves the silo. ``mode: server`` (…ServerSideFixedClipping): the
+aggregator clips every accepted update. Either way the aggregator then adds Gaussian noise with
+std = noise_multiplier × clipping_norm / number of aggregated updates to the new global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from fl_tasks.weights import save_state_dict
+
+
+def noise_stddev(noise_multiplier: float, clipping_norm: float, num_updates: int) -> float:
+    return noise_multiplier * clipping_norm / num_updates
+
+
+def clip_factor(update_norm: float, clipping_norm: float) -> float:
+    """Scale of the update (delta from the global) so that its L2 norm is at most clipping_norm."""
+    return min(1.0, clipping_norm / update_norm) if update_norm > 0 else 1.0
+
+
+def clip_state(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+               clipping_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """Client side: clip the update in memory; returns (clipped state, original update norm)."""
+    sq = sum(float(((update[k].double() - global_state[k].double()) ** 2).sum())
+             for k in global_state if update[k].is_floating_point())
+    norm = math.sqrt(sq)
+    factor = clip_factor(norm, clipping_norm)
+    clipped = {
+        k: (global_state[k].double() + (v.double() - global_state[k].double()) * factor).to(v.dtype)
+        if v.is_floating_point() else v
+        for k, v in update.items()
+    }
+    return clipped, norm
+
+
+def clip_file(update_path: str | Path, global_path: str | Path, out_path: str | Path,
+              update_norm: float, clipping_norm: float) -> float:
+    """Server side: write the clipped update, tensor by tensor; returns the clip factor used."""
+    factor = clip_factor(update_norm, clipping_norm)
+    out: dict[str, torch.Tensor] = {}
+    with safe_open(str(update_path), framework="pt") as up, safe_open(str(global_path), framework="pt") as gl:
+        for name in up.keys():
+            tensor = up.get_tensor(name)
+            if tensor.is_floating_point():
+                base = gl.get_tensor(name).double()
+                tensor = (base + (tensor.double() - base) * factor).to(tensor.dtype)
+            out[name] = tensor
+    save_state_dict(out, out_path)
+    return factor
+
+
+def add_gaussian_noise(path: str | Path, stddev: float, seed: int | None = None) -> None:
+    """Add N(0, stddev²) noise to every floating-point tensor of the model at ``path``, in place."""
+    generator = torch.Generator()
+    if seed is not None:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
+    with safe_open(str(path), framework="pt") as fh:
+        state = {name: fh.get_tensor(name) for name in fh.keys()}
+    for name, tensor in state.items():
+        if tensor.is_floating_point():
+            noise = torch.normal(0.0, stddev, size=tensor.shape, generator=generator, dtype=torch.float64)
+            state[name] = (tensor.double() + noise).to(tensor.dtype)
+    save_state_dict(state, path)

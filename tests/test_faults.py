@@ -1,0 +1,180 @@
+"""Fault injection through real DAG runs (``airfed run`` → Airflow's dag.test()).
+
+Misbehaving silos come from tests/fixtures/airfed_faults.py, selected per silo by node_config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def make_spec(tmp_path: Path, name: str, silos: dict[str, str], **overrides) -> Path:
+    spec = {
+        "job": "faulty",
+        "client_app": "airfed_faults:app",
+        "model": {"init": "examples.digits.model:initial_state"},
+        "quorum": {"min_silos": 2},
+        "guards": {"max_update_norm": 100.0},
+        "training": {"local-epochs": 1, "lr": 0.05, "batch-size": 32},
+        "execution": {"silo_timeout_seconds": 20, "retries": 0},
+        "data": {"prepare": "examples.digits.data:prepare", "options": {"partition": "iid", "seed": 1}},
+        "silos": [
+            {
+                "name": silo,
+                "data": f"${{AIRFED_HOME}}/data/faulty/{silo}.npz",
+                "node_config": {"fault": fault, "tamper-key": f"faulty/rounds/{{round}}/updates/{silo}.safetensors"},
+            }
+            for silo, fault in silos.items()
+        ],
+        **overrides,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def airfed_run(home: Path, spec: Path, *args: str, extra_env: dict | None = None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
+    env.update({"AIRFED_HOME": str(home), "PYTHONPATH": str(FIXTURES), **(extra_env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "airfed.cli", "run", str(spec), "--json", "--rounds", "1", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
+    )
+    try:
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        summary = None
+    return proc, summary
+
+
+def store_json(home: Path, key: str):
+    path = home / "store" / key
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mlflow_round_runs(home: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("airfed/faulty")
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`airfed.kind` = 'round'")
+
+
+def test_every_bad_update_is_rejected_with_its_reason(tmp_path):
+    home = tmp_path / "home"
+    spec = make_spec(tmp_path, "faults", {
+        "ok1": "", "ok2": "", "raise": "raise", "hang": "hang", "nan": "nan",
+        "shape": "shape", "norm": "norm", "tamper": "tamper", "examples": "examples",
+    })
+    proc, summary = airfed_run(home, spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["rounds"][0]["accepted"] == ["ok1", "ok2"]
+
+    result = store_json(home, "faulty/rounds/1/result.json")
+    assert sorted(result["accepted"]) == ["ok1", "ok2"]
+    reasons = result["rejected"]
+    assert "train failed: RuntimeError: simulated silo failure" in reasons["raise"]
+    assert "train timed out: timed out after 20s" in reasons["hang"]
+    assert "non-finite" in reasons["nan"]
+    assert "is torch.float32" in reasons["shape"] or "shape" in reasons["shape"] or "F32" in reasons["shape"]
+    assert "exceeds guards.max_update_norm=100.0" in reasons["norm"]
+    assert "checksum mismatch for" in reasons["tamper"] and "updates/tamper.safetensors" in reasons["tamper"]
+    assert "num-examples must be a positive integer" in reasons["examples"]
+
+    _client, runs = mlflow_round_runs(home)
+    (round_run,) = runs
+    assert round_run.data.metrics["accepted"] == 2 and round_run.data.metrics["rejected"] == 7
+    assert "simulated silo failure" in round_run.data.tags["rejected.raise"]
+    assert "checksum mismatch" in round_run.data.tags["rejected.tamper"]
+
+
+def test_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
+    home = tmp_path / "home"
+    good = make_spec(tmp_path, "good", {"a": "", "b": "", "c": ""})
+    bad = make_spec(tmp_path, "bad", {"a": "", "b": "raise", "c": "raise"})
+    one_down = make_spec(tmp_path, "one-down", {"a": "", "b": "", "c": "raise"})
+
+    proc, first = airfed_run(home, good)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    head_before = store_json(home, "faulty/HEAD.json")
+    assert head_before["round"] == 1
+
+    proc, failed = airfed_run(home, bad)
+    assert proc.returncode == 1
+    assert failed["state"] == "failed" and failed["rounds"] == []
+    assert store_json(home, "faulty/HEAD.json") == head_before
+    result = store_json(home, "faulty/rounds/2/result.json")
+    assert result["committed"] is False and "quorum needs 2" in result["reason"]
+    assert "simulated silo failure" in result["rejected"]["b"]
+    client, runs = mlflow_round_runs(home)
+    failed_run = next(r for r in runs if r.data.tags["airfed.round"] == "2")
+    assert failed_run.info.status == "FAILED" and "quorum needs 2" in failed_run.data.tags["airfed.failure"]
+    assert client.get_model_version_by_alias("faulty", "champion").version == "1"
+    assert len(client.search_model_versions("name = 'faulty'")) == 1
+
+    proc, resumed = airfed_run(home, one_down)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["round"] for r in resumed["rounds"]] == [2]
+    assert resumed["rounds"][0]["accepted"] == ["a", "b"]
+    assert "simulated silo failure" in resumed["rounds"][0]["rejected"]["c"]
+    assert store_json(home, "faulty/HEAD.json")["round"] == 2
+
+
+def test_aggregator_killed_before_commit_leaves_head_and_rerun_is_identical(tmp_path):
+    home = tmp_path / "home"
+    spec = make_spec(tmp_path, "crash", {"a": "", "b": ""})
+    proc, crashed = airfed_run(home, spec, extra_env={"AIRFED_FAULT_INJECT": "aggregate:before-head"})
+    assert proc.returncode == 1
+    assert store_json(home, "faulty/HEAD.json") is None
+    orphan = store_json(home, "faulty/rounds/1/result.json")
+    assert orphan["committed"] is True  # written, but never made HEAD: not part of the history
+
+    proc, rerun = airfed_run(home, spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    head = store_json(home, "faulty/HEAD.json")
+    assert head["round"] == 1
+    assert head["global_sha256"] == orphan["new_global"]["sha256"]  # same result as the killed attempt
+
+    # re-running the register step of the committed round creates nothing new
+    client, runs_before = mlflow_round_runs(home)
+    env = {**os.environ, "AIRFED_HOME": str(home), "AIRFED_STORE_URL": f"file://{home / 'store'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}", "PYTHONPATH": str(FIXTURES)}
+    step = subprocess.run(
+        [sys.executable, "-m", "fl_tasks", "register", "--job", "faulty", "--round", "1", "--run-id",
+         rerun["dag_run_id"]], capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert step.returncode == 0, step.stdout[-2000:] + step.stderr[-2000:]
+    _client, runs_after = mlflow_round_runs(home)
+    assert len(runs_after) == len(runs_before)
+    assert [v.version for v in client.search_model_versions("name = 'faulty'")] == ["1"]
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_differential_privacy_is_applied_and_recorded(tmp_path, mode):
+    home = tmp_path / "home"
+    dp = {"mode": mode, "noise_multiplier": 0.01, "clipping_norm": 0.5}
+    spec = make_spec(tmp_path, f"dp-{mode}", {"a": "", "b": ""}, differential_privacy=dp)
+    proc, summary = airfed_run(home, spec)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = store_json(home, "faulty/rounds/1/result.json")
+    assert result["differential_privacy"] == dp
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("airfed/faulty").experiment_id],
+        filter_string="tags.`airfed.kind` = 'round'",
+    )
+    assert json.loads(run.data.params["differential_privacy"]) == dp
+    if mode == "server":
+        assert all(a["update_norm"] > 0.5 for a in result["accepted"].values())  # clipped server-side

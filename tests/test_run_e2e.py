@@ -113,7 +113,7 @@ def test_mlflow_lineage_and_registry(runs):
 
     versions = client.search_model_versions("name = 'digits-mlp'")
     assert sorted(int(v.version) for v in versions) == list(range(1, 8))
-    v5 = next(v for v in versions if v.version == "5")
+    v5 = next(v for v in versions if str(v.version) == "5")
     for tag in ("job", "round", "dag_run_id", "spec_hash", "global_sha256", "update_sha256.us"):
         assert v5.tags.get(tag), tag
     assert v5.tags["round"] == "5" and v5.tags["dag_run_id"] == first["dag_run_id"]

@@ -33,6 +33,13 @@ def record_uncommitted(env: StepEnv, plan: dict, result: dict | None) -> None:
     """A round that did not commit still gets an MLflow round run (status FAILED) saying why."""
     r, job = env.round, env.args.job
     reason = (result or {}).get("reason") or "aggregate did not commit this round (see its task log)"
+    with lineage.reporting_failures(f"recording uncommitted round {r} of {job}"):
+        _record_uncommitted(env, plan, result, reason)
+    raise RoundNotCommitted(f"round {r} was not committed: {reason}")
+
+
+def _record_uncommitted(env: StepEnv, plan: dict, result: dict | None, reason: str) -> None:
+    r, job = env.round, env.args.job
     c = lineage.client()
     exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
     parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
@@ -44,7 +51,6 @@ def record_uncommitted(env: StepEnv, plan: dict, result: dict | None) -> None:
     lineage.log_round(c, run.info.run_id, metrics, {"round": r, "spec_hash": plan["spec_hash"]}, tags, step=r)
     c.set_terminated(run.info.run_id, "FAILED")
     c.set_terminated(parent.info.run_id, "FAILED")
-    raise RoundNotCommitted(f"round {r} was not committed: {reason}")
 
 
 def run(env: StepEnv) -> None:
@@ -69,78 +75,79 @@ def run(env: StepEnv) -> None:
         )
     value = eval_metrics[promotion["metric"]]
 
-    c = lineage.client()
-    exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
-    parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
-    round_run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
-    run_id = round_run.info.run_id
+    with lineage.reporting_failures(f"registering round {r} of {job}"):
+        c = lineage.client()
+        exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
+        parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
+        round_run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
+        run_id = round_run.info.run_id
 
-    metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
-    metrics.update(eval_metrics)
-    metrics.update(accepted=len(result["accepted"]), rejected=len(result["rejected"]), committed=1)
-    for name, man in manifests.items():
-        metrics[f"{name}.num_examples"] = man["num_examples"]
-        metrics.update({f"{name}.{k}": v for k, v in man["metrics"].items() if k != "num-examples"})
-    for name, verdict in verdicts.items():
-        if verdict:
-            metrics.update({f"{name}.update_{k}": v for k, v in verdict["metrics"].items() if k != "num-examples"})
-    for ev in evaluations:
-        metrics.update({f"{ev['silo']}.eval_{k}": v for k, v in ev["metrics"].items() if k != "num-examples"})
-    store_url = env.store.url
-    params = {
-        "round": r,
-        "strategy": plan["strategy"]["name"],
-        "strategy_params": plan["strategy"].get("params", {}),
-        "training": plan["training"],
-        "differential_privacy": plan.get("differential_privacy"),
-        "quorum": plan.get("quorum", {}),
-        "spec_hash": plan["spec_hash"],
-        "silos": ",".join(s["name"] for s in plan["silos"]),
-        "store_url": store_url,
-        "input_global_key": plan["input_global"]["key"],
-        "input_global_sha256": plan["input_global"]["sha256"],
-        "new_global_key": result["new_global"]["key"],
-        "new_global_sha256": result["new_global"]["sha256"],
-    }
-    tags = {f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()}
-    tags.update({f"update_key.{n}": m["key"] for n, m in manifests.items()})
-    tags.update({f"rejected.{n}": reason[:4000] for n, reason in result["rejected"].items()})
-    tags.update({"plan_key": env.keys.plan(r), "result_key": env.keys.result(r)})
-    lineage.log_round(c, run_id, metrics, params, tags, step=r)
-    lineage.log_round(c, parent.info.run_id, {k: metrics[k] for k in (*eval_metrics, "accepted", "rejected")},
-                      {}, {"airfed.spec_hash": plan["spec_hash"]}, step=r)
+        metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
+        metrics.update(eval_metrics)
+        metrics.update(accepted=len(result["accepted"]), rejected=len(result["rejected"]), committed=1)
+        for name, man in manifests.items():
+            metrics[f"{name}.num_examples"] = man["num_examples"]
+            metrics.update({f"{name}.{k}": v for k, v in man["metrics"].items() if k != "num-examples"})
+        for name, verdict in verdicts.items():
+            if verdict:
+                metrics.update({f"{name}.update_{k}": v for k, v in verdict["metrics"].items() if k != "num-examples"})
+        for ev in evaluations:
+            metrics.update({f"{ev['silo']}.eval_{k}": v for k, v in ev["metrics"].items() if k != "num-examples"})
+        store_url = env.store.url
+        params = {
+            "round": r,
+            "strategy": plan["strategy"]["name"],
+            "strategy_params": plan["strategy"].get("params", {}),
+            "training": plan["training"],
+            "differential_privacy": plan.get("differential_privacy"),
+            "quorum": plan.get("quorum", {}),
+            "spec_hash": plan["spec_hash"],
+            "silos": ",".join(s["name"] for s in plan["silos"]),
+            "store_url": store_url,
+            "input_global_key": plan["input_global"]["key"],
+            "input_global_sha256": plan["input_global"]["sha256"],
+            "new_global_key": result["new_global"]["key"],
+            "new_global_sha256": result["new_global"]["sha256"],
+        }
+        tags = {f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()}
+        tags.update({f"update_key.{n}": m["key"] for n, m in manifests.items()})
+        tags.update({f"rejected.{n}": reason[:4000] for n, reason in result["rejected"].items()})
+        tags.update({"plan_key": env.keys.plan(r), "result_key": env.keys.result(r)})
+        lineage.log_round(c, run_id, metrics, params, tags, step=r)
+        lineage.log_round(c, parent.info.run_id, {k: metrics[k] for k in (*eval_metrics, "accepted", "rejected")},
+                          {}, {"airfed.spec_hash": plan["spec_hash"]}, step=r)
 
-    model_name = plan["registry"]["model_name"]
-    lineage.ensure_registered_model(c, model_name, job)
-    version = lineage.find_version(c, model_name, job, r, plan["dag_run_id"])
-    if version is None:
-        with scratch_dir() as tmp:
-            model_file = env.fetch(result["new_global"]["key"], result["new_global"]["sha256"], tmp)
-            target = model_file.with_name("global.safetensors")
-            model_file.rename(target)
-            version = lineage.register_version(
-                c, model_name, run_id, target,
-                tags={
-                    "job": job, "round": str(r), "dag_run_id": plan["dag_run_id"], "spec_hash": plan["spec_hash"],
-                    "global_sha256": result["new_global"]["sha256"], "store_key": result["new_global"]["key"],
-                    "store_url": store_url, "promotion_metric": promotion["metric"],
-                    "promotion_value": repr(value),
-                    **{f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()},
-                },
-                description=f"{job} round {r}: {plan['strategy']['name']} over {', '.join(manifests)}",
-            )
-    current = lineage.champion(c, model_name)
-    current_value = None
-    if current is not None and current.version != version.version:
-        current_value = float(current.tags.get("promotion_value", "nan"))
-    promoted = current is None or current.version == version.version or lineage.is_better(
-        value, current_value, promotion["direction"]
-    )
-    if promoted:
-        c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
-    champion_version = int(version.version) if promoted else int(current.version)
-    c.set_terminated(run_id, "FINISHED")
-    c.set_terminated(parent.info.run_id, "FINISHED")
+        model_name = plan["registry"]["model_name"]
+        lineage.ensure_registered_model(c, model_name, job)
+        version = lineage.find_version(c, model_name, job, r, plan["dag_run_id"])
+        if version is None:
+            with scratch_dir() as tmp:
+                model_file = env.fetch(result["new_global"]["key"], result["new_global"]["sha256"], tmp)
+                target = model_file.with_name("global.safetensors")
+                model_file.rename(target)
+                version = lineage.register_version(
+                    c, model_name, run_id, target,
+                    tags={
+                        "job": job, "round": str(r), "dag_run_id": plan["dag_run_id"], "spec_hash": plan["spec_hash"],
+                        "global_sha256": result["new_global"]["sha256"], "store_key": result["new_global"]["key"],
+                        "store_url": store_url, "promotion_metric": promotion["metric"],
+                        "promotion_value": repr(value),
+                        **{f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()},
+                    },
+                    description=f"{job} round {r}: {plan['strategy']['name']} over {', '.join(manifests)}",
+                )
+        current = lineage.champion(c, model_name)
+        current_value = None
+        if current is not None and current.version != version.version:
+            current_value = float(current.tags.get("promotion_value", "nan"))
+        promoted = current is None or current.version == version.version or lineage.is_better(
+            value, current_value, promotion["direction"]
+        )
+        if promoted:
+            c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
+        champion_version = int(version.version) if promoted else int(current.version)
+        c.set_terminated(run_id, "FINISHED")
+        c.set_terminated(parent.info.run_id, "FINISHED")
 
     summary = {
         "job": job,

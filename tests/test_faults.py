@@ -119,7 +119,7 @@ def test_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
     client, runs = mlflow_round_runs(home)
     failed_run = next(r for r in runs if r.data.tags["airfed.round"] == "2")
     assert failed_run.info.status == "FAILED" and "quorum needs 2" in failed_run.data.tags["airfed.failure"]
-    assert client.get_model_version_by_alias("faulty", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("faulty", "champion").version) == "1"
     assert len(client.search_model_versions("name = 'faulty'")) == 1
 
     proc, resumed = airfed_run(home, one_down)
@@ -156,7 +156,7 @@ def test_aggregator_killed_before_commit_leaves_head_and_rerun_is_identical(tmp_
     assert step.returncode == 0, step.stdout[-2000:] + step.stderr[-2000:]
     _client, runs_after = mlflow_round_runs(home)
     assert len(runs_after) == len(runs_before)
-    assert [v.version for v in client.search_model_versions("name = 'faulty'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name = 'faulty'")] == ["1"]
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])

@@ -121,3 +121,31 @@ def test_mlflow_lineage_and_registry(runs):
     assert int(champion.version) == second["champion_version"]
     best = max(versions, key=lambda v: float(v.tags["promotion_value"]))
     assert champion.version == best.version
+
+
+def test_asset_consumer_dag_predicts_with_the_champion(runs, airflow_db, monkeypatch):
+    """The example DAG scheduled on the job's model Asset runs (dag.test) against the champion."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    home, *_ = runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.setenv("AIRFED_HOME", str(home))
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    digits = bag.dags["digits"]
+    consumer = bag.dags["digits_batch_predict"]
+    (outlet,) = digits.get_task("round_1.register").outlets
+    assert outlet.uri == "airfed://digits/digits-mlp"
+    assert outlet in list(consumer.timetable.asset_condition.iter_assets().values()) or \
+        outlet.name in str(consumer.timetable.asset_condition)
+    dag_run = consumer.test()
+    assert str(dag_run.state) == "success"
+    predictions = sorted((home / "predictions" / "digits-mlp").glob("v*.csv"))
+    assert predictions and len(predictions[0].read_text().splitlines()) == 1798
+
+
+def test_convergence_plot_written_next_to_summary(runs):
+    home, first, out, second, _ = runs
+    plot = Path(second["convergence_plot"])
+    assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (home / "reports" / "digits" / "summary.json").exists()
+    assert "plot:" in out

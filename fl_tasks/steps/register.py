@@ -7,7 +7,7 @@ Writes ``registry.json`` with the round's summary (what `airfed run` prints).
 
 from __future__ import annotations
 
-from fl_tasks import lineage
+from fl_tasks import lineage, report
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
 
 
@@ -23,6 +23,17 @@ def weighted(records: list[dict], weight_key: str = "num_examples") -> dict[str,
             totals[key] = totals.get(key, 0.0) + w * float(value)
             weights[key] = weights.get(key, 0.0) + w
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+
+
+def _publish_plot(env: StepEnv, r: int, summary: dict) -> None:
+    """Convergence plot up to this round: to the store (``reports/``) and to the MLflow runs."""
+    with scratch_dir() as tmp:
+        path = report.convergence_plot(report.history(env.store, env.keys, r), env.args.job, tmp / "convergence.png")
+        env.store.put_file(env.keys.convergence_plot, path)
+        with lineage.reporting_failures(f"logging the convergence plot of round {r}"):
+            c = lineage.client()
+            for run_id in (summary["mlflow_run_id"], summary["mlflow_parent_run_id"]):
+                c.log_artifact(run_id, str(path), artifact_path="plots")
 
 
 class RoundNotCommitted(RuntimeError):
@@ -171,6 +182,7 @@ def run(env: StepEnv) -> None:
         "finished_at": now(),
     }
     env.store.put_json(env.keys.registry(r), summary)
+    _publish_plot(env, r, summary)
     log(
         f"round {r}: registered {model_name} v{version.version} ({promotion['metric']}={value:.4f}); "
         f"champion is v{champion_version}"

@@ -102,6 +102,10 @@ class JobKeys:
     def registry(self, r: int) -> str:
         return f"{self.round_dir(r)}/registry.json"
 
+    @property
+    def convergence_plot(self) -> str:
+        return f"{self.job}/reports/convergence.png"
+
 
 class Store(ABC):
     """Object store for weights and round records. Backends: local directory, S3/MinIO."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.python import ShortCircuitOperator
-from airflow.sdk import DAG, Param, TaskGroup
+from airflow.sdk import DAG, Asset, Param, TaskGroup
 
 from airfed.calls import round_calls
 from airfed.spec import JobSpec
@@ -44,6 +44,11 @@ def unrolled_rounds(spec: JobSpec) -> int:
     return override if override > 0 else spec.unrolled_rounds
 
 
+def model_asset(spec: JobSpec) -> Asset:
+    """The Asset a committed round updates: schedule another DAG on it (``schedule=[model_asset]``)."""
+    return Asset(name=f"airfed.{spec.job}.model", uri=f"airfed://{spec.job}/{spec.model_name}", group="airfed")
+
+
 def task_options(spec: JobSpec, step: str) -> dict[str, Any]:
     """Airflow task arguments of a step: timeout, retries with backoff, trigger rule."""
     ex = spec.execution
@@ -57,6 +62,8 @@ def task_options(spec: JobSpec, step: str) -> dict[str, Any]:
     }
     if step in ALL_DONE_STEPS:
         options["trigger_rule"] = "all_done"
+    if step == "register":  # succeeds only for a committed round: one Asset event per new global
+        options["outlets"] = [model_asset(spec)]
     return options
 
 

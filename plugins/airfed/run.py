@@ -185,6 +185,13 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         "mlflow_run_id": last["mlflow_parent_run_id"] if last else None,
         "airflow_log": str(log_path),
     }
+    reports = home / "reports" / spec.job
+    reports.mkdir(parents=True, exist_ok=True)
+    keys = JobKeys(spec.job)
+    if records and store.exists(keys.convergence_plot):
+        store.get_file(keys.convergence_plot, reports / "convergence.png")
+        summary["convergence_plot"] = str(reports / "convergence.png")
+    (reports / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     ok = state == "success" and len(records) == n_rounds
     print(
         f"airfed: run {run_id} {state}: {len(records)}/{n_rounds} rounds committed, "
@@ -201,7 +208,15 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         )
         print(f"  registry: models:/{spec.model_name}/{last['registry_version']} "
               f"(champion: models:/{spec.model_name}@champion = v{last['champion_version']})", file=out)
+    print(f"  summary:  {reports / 'summary.json'}"
+          + (f"\n  plot:     {summary['convergence_plot']}" if "convergence_plot" in summary else ""), file=out)
     if not ok:
+        failed_round = watcher.next_round
+        result = store.get_json_or_none(JobKeys(spec.job).result(failed_round))
+        if result and result.get("dag_run_id") == run_id and not result.get("committed", True):
+            print(f"  round {failed_round} was not committed: {result['reason']}", file=out)
+            for silo, reason in sorted(result.get("rejected", {}).items()):
+                print(f"    {silo}: {reason}", file=out)
         print(f"  airflow log with the failing task's output: {log_path}", file=out)
     if as_json:
         print(json.dumps(summary), file=out, flush=True)

@@ -72,6 +72,9 @@ class FlStepPodOperator(KubernetesPodOperator):
     """
 
     ui_color = "#e4ecf7"
+    #: The env is not a template, exactly as in the local runner: only the argv is (run id, round).
+    #: The spec JSON in the distribute step's env may hold any text, braces included.
+    template_fields = tuple(f for f in KubernetesPodOperator.template_fields if f != "env_vars")
 
     def __init__(
         self,

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 
-from fl_tasks.bridge import load_object
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.paths import expand_path
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
-from fl_tasks.weights import save_state_dict
 
 
 def _spec() -> dict:
@@ -46,6 +44,10 @@ def _initial_global(env: StepEnv, spec: dict, r: int) -> dict:
             log(f"round {r}: initial global model from seed file {seed}")
             sha = env.store.put_file(key, seed)
         else:
+            # torch and the user's model code are needed only here, for round 1
+            from fl_tasks.bridge import load_object
+            from fl_tasks.weights import save_state_dict
+
             factory = load_object(model["init"])
             state = factory()
             log(f"round {r}: initial global model from {model['init']} ({len(state)} tensors)")

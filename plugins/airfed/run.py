@@ -129,7 +129,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
     out = sys.stdout
     print(
         f"airfed: job {spec.job} | {len(spec.silos)} silos ({', '.join(s.name for s in spec.silos)}) | "
-        f"{spec.strategy.name} | rounds {start}..{start + n_rounds - 1} | runner local (dag.test)",
+        f"{spec.strategy.name} | rounds {start}..{start + n_rounds - 1} | runner {spec.runner} (dag.test)",
         file=out, flush=True,
     )
     print(f"airfed: Airflow log: {log_path}", file=out, flush=True)

@@ -1,8 +1,8 @@
 """Upload/download throughput and peak RSS: ``S3Store.put_file/get_file`` vs raw minio ``fput/fget_object``.
 
-Each transfer runs in its own child process that reports its wall time and peak RSS
-(``ru_maxrss``); the S3 server (moto, unless ``AWS_ENDPOINT_URL`` is set) runs in a separate process
-too, so the objects it keeps in memory do not count. Prints, for each direction::
+Each transfer runs in its own child process that reports its wall time and peak RSS (``VmHWM``,
+see :func:`peak_rss_mb`); the S3 server (moto, unless ``AWS_ENDPOINT_URL`` is set) runs in a
+separate process too, so the objects it keeps in memory do not count. Prints, for each direction::
 
     upload ours_MBps=.. minio_MBps=.. time_ratio=.. rss_ratio=.. ours_rss_mb=.. minio_rss_mb=..
 
@@ -28,8 +28,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 TENSOR_BYTES = 64 * MB
@@ -37,10 +35,10 @@ TENSOR_BYTES = 64 * MB
 
 def write_safetensors(path: Path, size_mb: int) -> None:
     """A ``size_mb`` MiB safetensors file of float32 tensors, written in chunks (never all in memory)."""
+    import numpy as np
+
     total = size_mb * MB
-    sizes = [TENSOR_BYTES] * (total // TENSOR_BYTES) + (
-        [total % TENSOR_BYTES] if total % TENSOR_BYTES else []
-    )
+    sizes = [TENSOR_BYTES] * (total // TENSOR_BYTES) + ([total % TENSOR_BYTES] if total % TENSOR_BYTES else [])
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for i, n in enumerate(sizes):
@@ -86,6 +84,17 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process in MiB.
+
+    ``VmHWM`` (Linux) rather than ``ru_maxrss``: Linux carries ``ru_maxrss`` across fork+exec, so a
+    child would report the parent's peak (here the parent writes the test file) if it was larger."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -108,6 +117,8 @@ def child(args: argparse.Namespace) -> None:
             region=os.environ.get("AWS_DEFAULT_REGION"),
         )
     base = peak_rss_mb()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
     t0 = time.perf_counter()
     if args.child == "ours-upload":
         store.put_file(args.key, args.file)
@@ -118,7 +129,9 @@ def child(args: argparse.Namespace) -> None:
     elif args.child == "minio-download":
         client.fget_object(args.bucket, args.key, args.out)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb(), "base_rss_mb": base}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime - cpu0
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "rss_mb": peak_rss_mb(), "base_rss_mb": base}))
 
 
 def run_child(mode: str, **kw: str) -> dict:
@@ -140,7 +153,7 @@ def sha256_of(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=1024, help="file size in MiB (default 1024)")
-    parser.add_argument("--part-mb", type=int, default=16, help="multipart part size of ours (MiB)")
+    parser.add_argument("--part-mb", type=int, default=8, help="multipart part size of ours (MiB)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; the fastest is kept")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -202,6 +215,8 @@ def main() -> None:
                 "rss_ratio": f"{ours['rss_mb'] / raw['rss_mb']:.2f}",
                 "ours_rss_mb": f"{ours['rss_mb']:.0f}",
                 "minio_rss_mb": f"{raw['rss_mb']:.0f}",
+                "ours_cpu_s": f"{ours['cpu_s']:.1f}",
+                "minio_cpu_s": f"{raw['cpu_s']:.1f}",
                 "ours_base_rss_mb": f"{ours['base_rss_mb']:.0f}",
                 "minio_base_rss_mb": f"{raw['base_rss_mb']:.0f}",
             }

@@ -33,7 +33,7 @@ from urllib3.exceptions import NewConnectionError, ProtocolError, ReadTimeoutErr
 from fl_tasks.store import ChecksumMismatch, JobKeys, ObjectMissing, Store, StoreError, open_store
 from fl_tasks.store.base import json_bytes, sha256_bytes
 from fl_tasks.store.local import LocalStore
-from fl_tasks.store.s3 import S3Store, parse_endpoint
+from fl_tasks.store.s3 import PART_SIZE, S3Store, parse_endpoint
 
 FAST = {"retries": 1, "backoff": 0.01}
 
@@ -313,15 +313,21 @@ def test_keys_cannot_escape(store: Store, key: str) -> None:
 
 
 # -- S3 specifics ----------------------------------------------------------------------------------
-def test_prepare_creates_bucket(s3_store_url: str) -> None:  # noqa: F811
+def test_prepare_creates_bucket(s3_store_url: str, tmp_path: Path) -> None:  # noqa: F811
     st = open_store(s3_store_url)
     assert isinstance(st, S3Store)
     assert st.url == s3_store_url and st.prefix == "test"
     assert "secret" not in repr(st)
     bucket = bucket_of(s3_store_url)
     assert not raw_client().bucket_exists(bucket)
+    # Before prepare() the store reads as empty, like a local store whose directory does not exist yet.
+    assert st.get_json_or_none("job/HEAD.json") is None
+    assert st.list("") == [] and not st.exists("job/HEAD.json")
+    with pytest.raises(ObjectMissing, match="prepare"):
+        st.get_file("job/HEAD.json", tmp_path / "HEAD.json")
+    assert list(tmp_path.iterdir()) == []
     t0 = time.monotonic()
-    with pytest.raises(StoreError, match="NoSuchBucket") as info:  # permanent: no retries
+    with pytest.raises(StoreError, match="NoSuchBucket") as info:  # writes fail, permanent: no retries
         st.put_bytes("k.json", b"{}")
     assert time.monotonic() - t0 < 1.0
     assert "prepare" in str(info.value) and bucket in str(info.value)
@@ -361,12 +367,13 @@ def test_recorded_metadata_is_checked_without_expected_sha(s3: S3Store, tmp_path
 def test_large_file_multipart_streams(s3: S3Store, tmp_path: Path) -> None:
     src = tmp_path / "big.bin"
     data = os.urandom(40 * 1024 * 1024)
+    size = len(data)
     src.write_bytes(data)
     sha = s3.put_file("big.bin", src)
     assert sha == hashlib.sha256(data).hexdigest()
     del data
     etag = raw_client().stat_object(s3.bucket, "test/big.bin").etag
-    assert etag.endswith("-3")  # three 16 MiB parts: a multipart upload, not one PUT
+    assert etag.endswith(f"-{-(-size // PART_SIZE)}")  # a multipart upload of PART_SIZE parts, not one PUT
     dest = tmp_path / "big.out"
     assert s3.get_file("big.bin", dest, sha) == sha
     assert dest.stat().st_size == src.stat().st_size
@@ -513,9 +520,7 @@ def test_permanent_auth_errors_fail_fast_without_leaking_secrets(
 
 
 # -- transient errors: retried through a fault-injecting proxy ---------------------------------------
-def test_connection_resets_are_retried(
-    s3: S3Store, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_connection_resets_are_retried(s3: S3Store, proxy: FaultProxy, caplog: pytest.LogCaptureFixture) -> None:
     s3.put_bytes("job/HEAD.json", b'{"round": 3}')
     # Each operation attempt makes 1 + 2 transport-level tries; 4 resets need a 2nd operation attempt.
     proxy.reset_next = 4
@@ -556,9 +561,7 @@ def test_interrupted_download_resumes(s3: S3Store, proxy: FaultProxy, tmp_path: 
     assert "range: bytes=" in gets[1] and "if-match:" in gets[1]  # resumed, pinned to the same object
 
 
-def test_download_restarts_when_object_is_replaced_midway(
-    s3: S3Store, proxy: FaultProxy, tmp_path: Path
-) -> None:
+def test_download_restarts_when_object_is_replaced_midway(s3: S3Store, proxy: FaultProxy, tmp_path: Path) -> None:
     (tmp_path / "old.bin").write_bytes(os.urandom(4 * 1024 * 1024))
     s3.put_file("g.bin", tmp_path / "old.bin")
     new = os.urandom(3 * 1024 * 1024)
@@ -573,9 +576,7 @@ def test_download_restarts_when_object_is_replaced_midway(
 
 def test_connection_refused_is_bounded(s3_store_url: str) -> None:  # noqa: F811
     t0 = time.monotonic()
-    dead = S3Store(
-        bucket_of(s3_store_url), "test", endpoint=f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01
-    )
+    dead = S3Store(bucket_of(s3_store_url), "test", endpoint=f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01)
     with pytest.raises(StoreError, match=r"after 3 attempt\(s\).*(refused|NewConnectionError)"):
         dead.get_bytes("job/HEAD.json")
     assert time.monotonic() - t0 < 5

@@ -7,9 +7,12 @@ Same layout and contract as :class:`~fl_tasks.store.local.LocalStore`; object na
 ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. Without static keys, IRSA / ECS container credentials are
 used when their variables are set, otherwise requests are anonymous.
 
-Transfers stream: uploads are multipart (``PART_SIZE`` parts, sha256 computed while minio reads the
-file), downloads are written chunk by chunk while hashing, and an interrupted download resumes
-with a ranged GET pinned to the first response's ETag.
+Transfers stream, so memory does not grow with the file: uploads are multipart (``PART_SIZE``
+parts). S3 takes object metadata with the first request, so ``put_file`` hashes the file once to
+send ``x-amz-meta-sha256``, then hashes again what minio actually reads while uploading; a
+difference means the file changed underneath and the upload is removed. Downloads are written
+chunk by chunk while hashing, checked against the expected sha256 (or the recorded metadata), and
+an interrupted download resumes with a ranged GET pinned to the first response's ETag.
 
 Errors: transient failures (connection refused/reset, timeouts, HTTP 5xx, ``SlowDown``,
 ``RequestTimeout``) are retried with exponential backoff, ``AIRFED_S3_RETRIES`` times per operation
@@ -51,8 +54,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PART_SIZE = 16 * 1024 * 1024
-READ_CHUNK = 1024 * 1024  # a broken download resumes from the last whole chunk written
+MIB = 1024 * 1024
+PART_SIZE = 8 * MIB  # the AWS CLI default; memory stays ~5 parts (3 uploading, 1 read, 1 queued)
+MAX_PARTS = 10_000
+READ_CHUNK = MIB  # a broken download resumes from the last whole chunk written
 SHA256_META = "sha256"  # sent as x-amz-meta-sha256
 DEFAULT_ENDPOINT = "https://s3.amazonaws.com"
 DEFAULT_RETRIES = 5
@@ -61,6 +66,7 @@ MAX_BACKOFF = 8.0
 TRANSPORT_RETRIES = 2
 
 MISSING_CODES = {"NoSuchKey", "NoSuchObject"}
+READ_OPS = {"get", "stat", "list"}  # a missing bucket reads as an empty store, as a missing directory does
 TRANSIENT_CODES = {
     "SlowDown",
     "RequestTimeout",
@@ -92,7 +98,7 @@ class _Restart(Exception):
 
 
 class _HashingReader:
-    """File-like wrapper that hashes the bytes minio reads, so the upload needs no second pass."""
+    """File-like wrapper hashing the bytes as minio reads them: the sha256 of what was really sent."""
 
     def __init__(self, raw: BinaryIO):
         self._raw = raw
@@ -295,6 +301,12 @@ class S3Store(Store):
                     raise
                 if kind == "missing":
                     raise ObjectMissing(f"{where} does not exist") from None
+                if op in READ_OPS and isinstance(exc, S3Error) and exc.code == "NoSuchBucket":
+                    # Like a local store whose directory is not created yet: reads find nothing.
+                    raise ObjectMissing(
+                        f"{where} does not exist (bucket {self.bucket!r} does not exist yet at {self.endpoint}; "
+                        "Store.prepare() in the distribute step creates it)"
+                    ) from None
                 if kind == "permanent":
                     raise StoreError(f"S3 {op} {where} failed at {self.endpoint}: {reason}{advice}") from exc
                 if attempt == attempts:
@@ -343,6 +355,8 @@ class S3Store(Store):
             while chunk := fh.read(CHUNK):
                 digest.update(chunk)
             expected = digest.hexdigest()
+            # S3 allows 10,000 parts: grow the part size (in whole MiB) for objects beyond that.
+            part_size = max(self.part_size, -(-length // (MAX_PARTS * MIB)) * MIB)
 
             def upload() -> str:
                 fh.seek(0)
@@ -353,7 +367,7 @@ class S3Store(Store):
                     reader,  # type: ignore[arg-type]
                     length,
                     metadata={SHA256_META: expected},
-                    part_size=self.part_size,
+                    part_size=part_size,
                 )
                 return reader.digest.hexdigest()
 
@@ -461,7 +475,10 @@ class S3Store(Store):
             objects = self._client.list_objects(self.bucket, prefix=query, recursive=True)
             return [o.object_name for o in objects if o.object_name and keep(o.object_name)]
 
-        return sorted(self._call("list", prefix or None, listing))
+        try:
+            return sorted(self._call("list", prefix or None, listing))
+        except ObjectMissing:  # no bucket yet
+            return []
 
     def list(self, prefix: str) -> list[str]:
         return [self._relative(n) for n in self._names(prefix)]

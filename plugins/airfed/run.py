@@ -123,6 +123,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
     from fl_tasks.store import JobKeys, open_store
 
     store = open_store()
+    store.prepare()  # the bucket or directory (the distribute step would create it too)
     head = store.get_json_or_none(JobKeys(spec.job).head)
     start = (head["round"] if head else 0) + 1
     log_path = home / "logs" / f"run-{spec.job}-{time.strftime('%Y%m%d-%H%M%S')}.log"

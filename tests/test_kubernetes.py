@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+#: module-scoped fixtures render once: keep this module on one xdist worker
+pytestmark = pytest.mark.xdist_group("kubernetes")
+
 REPO = Path(__file__).resolve().parents[1]
 #: A schema version kubernetes-validate ships (it has 1.2x .. 1.37).
 K8S_VERSION = "1.34.0"

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: the module shares one run across its tests: keep them on one xdist worker
+pytestmark = pytest.mark.xdist_group("e2e")
 
 
 def airfed_run(home: Path, *args: str, env_extra: dict | None = None) -> tuple[dict, str]:

@@ -1,41 +1,71 @@
-"""FedAvg over safetensors files, streamed tensor by tensor.
+"""FedAvg (and FedProx, which aggregates the same way) over safetensors files, streamed.
 
-Memory is O(model): one float64 accumulator for the tensor being averaged plus the output model;
-inputs are memory-mapped, so the number of silos does not change the footprint. Weights are the
-silos' example counts, as in Flower's ``aggregate`` (sum(w_i * x_i) / sum(w_i)).
+Flower's ``aggregate``: sum(n_i * x_i) / sum(n_i), per tensor. Here every tensor is cut into chunks;
+for each chunk the N updates' slices are read into one (N x chunk) buffer, widened to float64 and
+reduced with one matrix-vector product against the weights, then divided by the total and cast back
+to the tensor's dtype (integers are rounded). Memory is a fixed number of chunk buffers: it does not
+grow with N or with the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
-from fl_tasks.weights import save_state_dict
+from fl_tasks.aggregation.stream import TensorSpec, UpdateSet, decode, encode, writing
 
 
-def fedavg_files(inputs: Sequence[tuple[str | Path, float]], out_path: str | Path) -> None:
-    if not inputs:
-        raise ValueError("FedAvg needs at least one update")
-    total = float(sum(weight for _path, weight in inputs))
-    if total <= 0:
-        raise ValueError("FedAvg needs a positive total weight")
-    with ExitStack() as stack:
-        handles = [(stack.enter_context(safe_open(str(p), framework="pt")), float(w)) for p, w in inputs]
-        names = list(handles[0][0].keys())
-        out: dict[str, torch.Tensor] = {}
-        for name in names:
-            acc: torch.Tensor | None = None
-            dtype = None
-            for handle, weight in handles:
-                tensor = handle.get_tensor(name)
-                dtype = tensor.dtype
-                term = tensor.to(torch.float64) * (weight / total)
-                acc = term if acc is None else acc.add_(term)
-            if dtype is not None and not dtype.is_floating_point:
-                acc = torch.round(acc)
-            out[name] = acc.to(dtype)
-    save_state_dict(out, out_path)
+def check_weights(weights: Sequence[float], strategy: str = "FedAvg") -> np.ndarray:
+    w = np.asarray([float(x) for x in weights], dtype=np.float64)
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"{strategy} weights (num_examples) must be finite and >= 0, got {list(weights)}")
+    if w.sum() <= 0:
+        raise ValueError(f"{strategy} needs a positive total weight (num_examples), got {list(weights)}")
+    return w
+
+
+def weighted_means(
+    updates: UpdateSet, weights: np.ndarray, rows: Sequence[int] | None = None
+) -> Iterator[tuple[str, TensorSpec, int, int, np.ndarray]]:
+    """Yield (name, spec, start, stop, mean) per chunk: the weighted mean of ``rows`` in float64.
+
+    The yielded array is a view into a reused buffer: consume it before asking for the next chunk."""
+    rows = list(range(len(updates))) if rows is None else list(rows)
+    w = np.asarray(weights, dtype=np.float64)[rows]
+    total = float(w.sum())
+    size = updates.chunk_size(len(rows))
+    wide = np.empty((len(rows), size), dtype=np.float64)
+    acc = np.empty(size, dtype=np.float64)
+    for name, spec, start, stop, stack in updates.stacked(rows):
+        n = stop - start
+        block = wide[:, :n]
+        decode(stack[:, :n], spec.dtype, block)
+        out = acc[:n]
+        np.matmul(w, block, out=out)
+        np.divide(out, total, out=out)
+        yield name, spec, start, stop, out
+
+
+def write_mean(
+    updates: UpdateSet, weights: np.ndarray, out_path: str | Path, rows: Sequence[int] | None = None
+) -> None:
+    layout = [(name, updates.specs[name]) for name in updates.order]
+    size = updates.chunk_size(len(updates) if rows is None else len(rows))
+    out_raw: dict[np.dtype, np.ndarray] = {}
+    with writing(out_path, layout) as writer:
+        for name, spec, start, _stop, mean in weighted_means(updates, weights, rows):
+            buf = out_raw.get(spec.storage)
+            if buf is None:
+                buf = out_raw[spec.storage] = np.empty(size, dtype=spec.storage)
+            encode(mean, spec.dtype, buf[: mean.size])
+            writer.write(name, start, buf[: mean.size])
+
+
+def fedavg_files(inputs: Sequence[tuple[str | Path, float]], out_path: str | Path) -> dict:
+    """FedAvg / FedProx: the example-weighted mean of the updates."""
+    weights = check_weights([w for _p, w in inputs])
+    with UpdateSet([p for p, _w in inputs]) as updates:
+        write_mean(updates, weights, out_path)
+    return {}

@@ -89,7 +89,20 @@ def run(env: StepEnv) -> None:
             raise QuorumNotMet(message)
         strategy = plan["strategy"]
         out = tmp / "new_global.safetensors"
-        aggregate_files(strategy["name"], strategy.get("params", {}), inputs, out)
+        # server optimiser state (FedOpt family): the previous round's, via HEAD, checksum-verified
+        state_in_ref = (head or {}).get("server_state")
+        state_in = env.fetch(state_in_ref["key"], state_in_ref["sha256"], tmp) if state_in_ref else None
+        state_out = tmp / "server_state.safetensors"
+        info = aggregate_files(
+            strategy["name"], strategy.get("params", {}), inputs, out,
+            global_path=global_path, state_in=state_in, state_out=state_out,
+        )
+        if info.get("state_reset"):
+            log(f"round {r}: {info['state_reset']}")
+        server_state = None
+        if info["state_written"]:
+            state_key = env.keys.server_state(r)
+            server_state = {"key": state_key, "sha256": env.store.put_file(state_key, state_out)}
         dp = plan.get("differential_privacy")
         if dp:
             stddev = noise_stddev(dp["noise_multiplier"], dp["clipping_norm"], len(inputs))
@@ -109,6 +122,8 @@ def run(env: StepEnv) -> None:
         "rejected": rejected,
         "input_global": plan["input_global"],
         "new_global": {"key": new_key, "sha256": new_sha},
+        "server_state_in": state_in_ref,
+        "server_state": server_state,
         "committed_at": now(),
     }
     result_sha = env.store.put_json(env.keys.result(r), result)
@@ -122,6 +137,7 @@ def run(env: StepEnv) -> None:
             "global_sha256": new_sha,
             "result_key": env.keys.result(r),
             "result_sha256": result_sha,
+            "server_state": server_state,
             "dag_run_id": plan["dag_run_id"],
         },
     )

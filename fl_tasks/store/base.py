@@ -99,6 +99,9 @@ class JobKeys:
     def result(self, r: int) -> str:
         return f"{self.round_dir(r)}/result.json"
 
+    def server_state(self, r: int) -> str:
+        return f"{self.round_dir(r)}/server_state.safetensors"
+
     def registry(self, r: int) -> str:
         return f"{self.round_dir(r)}/registry.json"
 

@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from fl_tasks.contract import ROUND_STEPS, TIMEOUT_ENV
-from fl_tasks.steps.common import StepArgs, StepEnv, log
+from fl_tasks.contract import ROUND_STEPS, SKIP_EXIT_CODE, TIMEOUT_ENV
+from fl_tasks.steps.common import NotSampled, StepArgs, StepEnv, log
 
 
 class StepTimeout(TimeoutError):
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     _arm_timeout()
     try:
         module.run(env)
+    except NotSampled as exc:
+        log(str(exc))
+        return SKIP_EXIT_CODE
     except BaseException as exc:
         signal.alarm(0)
         recorder = getattr(module, "record_failure", None)

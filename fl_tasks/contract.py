@@ -15,6 +15,9 @@ SERVER_STEPS = ("distribute", "aggregate", "register")
 SILO_STEPS = ("train", "validate", "evaluate")
 ROUND_STEPS = ("distribute", "train", "validate", "aggregate", "evaluate", "register")
 
+#: Exit code of a step that has nothing to do (a silo not sampled this round): both runners mark
+#: the task skipped (``skip_on_exit_code`` on Kubernetes) instead of failed.
+SKIP_EXIT_CODE = 99
 #: Env var a step writes its JSON result to (the local runner reads it; on Kubernetes it points at
 #: the xcom sidecar's ``/airflow/xcom/return.json``). The result becomes the task's XCom.
 RESULT_FILE_ENV = "AIRFED_RESULT_FILE"

@@ -42,8 +42,8 @@ def run(env: StepEnv) -> None:
     with scratch_dir() as tmp:
         global_path = env.fetch(plan["input_global"]["key"], plan["input_global"]["sha256"], tmp)
         inputs = []
-        for silo in plan["silos"]:
-            name = silo["name"]
+        sampled = plan.get("sampled", [s["name"] for s in plan["silos"]])
+        for name in sampled:
             manifest = env.store.get_json_or_none(env.keys.manifest(r, name))
             if manifest is not None and manifest.get("dag_run_id") != plan["dag_run_id"]:
                 manifest = None  # left over from an earlier, uncommitted attempt at this round
@@ -76,7 +76,7 @@ def run(env: StepEnv) -> None:
         for name, reason in rejected.items():
             log(f"round {r}: silo {name} rejected: {reason}")
 
-        need = required_silos(plan.get("quorum", {}), len(plan["silos"]))
+        need = required_silos(plan.get("quorum", {}), len(sampled))
         if len(accepted) < need:
             message = (
                 f"round {r}: only {len(accepted)} accepted update(s) ({', '.join(accepted) or 'none'}), "
@@ -116,6 +116,7 @@ def run(env: StepEnv) -> None:
         "round": r,
         "dag_run_id": plan["dag_run_id"],
         "committed": True,
+        "sampled": sampled,
         "strategy": strategy,
         "differential_privacy": plan.get("differential_privacy"),
         "accepted": accepted,

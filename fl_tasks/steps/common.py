@@ -15,6 +15,10 @@ from fl_tasks.contract import RESULT_FILE_ENV
 from fl_tasks.store import JobKeys, Store, open_store
 
 
+class NotSampled(Exception):
+    """The silo is not in this round's sample: the step exits with SKIP_EXIT_CODE (task skipped)."""
+
+
 def log(message: str) -> None:
     """Step progress goes to stdout; the runner streams it into the Airflow task log."""
     print(f"[airfed] {message}", flush=True)
@@ -53,6 +57,11 @@ class StepEnv:
                 "the distribute step of this round has not run"
             )
         return plan
+
+    def require_sampled(self, plan: dict) -> None:
+        """Per-silo train/validate: a silo left out of this round's sample has nothing to do."""
+        if self.args.silo not in plan.get("sampled", [s["name"] for s in plan["silos"]]):
+            raise NotSampled(f"silo {self.args.silo} was not sampled for round {self.round} ({plan.get('sampling')})")
 
     def silo_entry(self, plan: dict) -> dict:
         for silo in plan["silos"]:

@@ -8,7 +8,9 @@ later rounds train from the global that the previous round's aggregate committed
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.paths import expand_path
@@ -32,6 +34,15 @@ def _choose_round(env: StepEnv, head: dict | None) -> int:
         if plan and plan.get("dag_run_id") == env.args.run_id and plan.get("slot") == env.args.slot:
             return candidate
     return head_round + 1
+
+
+def sample_silos(names: list[str], fraction: float, seed: int, job: str, r: int, at_least: int) -> list[str]:
+    """Flower-style client sampling: ceil(fraction × N) silos (at least the quorum), seeded per round."""
+    if fraction >= 1.0:
+        return list(names)
+    size = min(len(names), max(math.ceil(fraction * len(names)), at_least, 1))
+    rng = random.Random(f"{seed}:{job}:{r}")
+    return sorted(rng.sample(names, size), key=names.index)
 
 
 def _initial_global(env: StepEnv, spec: dict, r: int) -> dict:
@@ -76,6 +87,12 @@ def run(env: StepEnv) -> None:
         global_ref = _initial_global(env, spec, r)
 
     training = {**spec.get("training", {}), **(env.args.training or {})}
+    names = [s["name"] for s in spec["silos"]]
+    quorum = spec.get("quorum", {})
+    strategy_spec = spec.get("strategy", {})
+    fraction = float(strategy_spec.get("fraction_train", 1.0))
+    seed = int(strategy_spec.get("sample_seed", 0))
+    sampled = sample_silos(names, fraction, seed, env.args.job, r, int(quorum.get("min_silos", 1)))
     strategy = spec.get("strategy", {"name": "FedAvg", "params": {}})
     if strategy["name"] == "FedProx":
         training.setdefault("proximal_mu", strategy.get("params", {}).get("proximal_mu", 0.0))
@@ -97,9 +114,11 @@ def run(env: StepEnv) -> None:
         "silos": [
             {"name": s["name"], "data": s["data"], "node_config": s.get("node_config", {})} for s in spec["silos"]
         ],
+        "sampled": sampled,
+        "sampling": {"fraction_train": fraction, "seed": seed},
         "input_global": global_ref,
         "previous_head": head,
     }
     env.store.put_json(env.keys.plan(r), plan)
-    log(f"round {r}: planned for silos {', '.join(s['name'] for s in plan['silos'])}; config {training}")
+    log(f"round {r}: planned; training on {', '.join(sampled)} of {len(names)} silos; config {training}")
     write_result({"round": r, "input_global": global_ref, "reused": False})

@@ -26,6 +26,7 @@ def record_failure(env: StepEnv, exc: BaseException) -> None:
 
 def run(env: StepEnv) -> None:
     plan = env.plan()
+    env.require_sampled(plan)
     silo = env.silo_entry(plan)
     r, name = env.round, silo["name"]
     manifest_key, update_key = env.keys.manifest(r, name), env.keys.update(r, name)

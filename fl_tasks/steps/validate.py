@@ -16,6 +16,7 @@ from fl_tasks.weights import load_state_dict
 
 def run(env: StepEnv) -> None:
     plan = env.plan()
+    env.require_sampled(plan)
     silo = env.silo_entry(plan)
     r, name = env.round, silo["name"]
     manifest = env.store.get_json_or_none(env.keys.manifest(r, name))

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fl_tasks.strategy_names import STRATEGY_PARAMS
+from fl_tasks.strategy_names import STRATEGY_PARAMS, resolve_strategy_params
 
 NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label: valid as a pod name part
 JOB_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -106,6 +106,10 @@ class ModelInit(Strict):
 class Strategy(Strict):
     name: str = Field("FedAvg", description=f"Flower strategy name: {', '.join(STRATEGY_PARAMS)}.")
     params: dict[str, ConfigScalar] = Field(default_factory=dict)
+    fraction_train: float = Field(
+        1.0, gt=0, le=1, description="Fraction of silos sampled to train each round (Flower's fraction_train)."
+    )
+    sample_seed: int = Field(0, description="Seed of the per-round silo sample (recorded in plan.json).")
 
     @field_validator("name")
     @classmethod
@@ -116,17 +120,7 @@ class Strategy(Strict):
 
     @model_validator(mode="after")
     def _known_params(self) -> Strategy:
-        allowed = STRATEGY_PARAMS[self.name]
-        for key, value in self.params.items():
-            if key not in allowed:
-                raise ValueError(
-                    f"unknown parameter {key!r} for {self.name}; accepted: {', '.join(allowed) or 'none'}"
-                )
-            expected = allowed[key][0]
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-                raise ValueError(f"parameter {key!r} of {self.name} must be {expected.__name__}, got {value!r}")
+        resolve_strategy_params(self.name, self.params)  # ValueError names the parameter
         return self
 
 

@@ -27,31 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from measure import peak_rss_mb  # bench/ is sys.path[0] when a benchmark runs
+
 REPO = Path(__file__).resolve().parents[1]
 FRACTIONS = [("embed.weight", 0.40, 1024), ("block1.weight", 0.25, 1024), ("block2.weight", 0.25, 1024),
              ("head.weight", 0.0996, 256), ("block1.bias", 0.0002, None), ("block2.bias", 0.0002, None)]
 FLOWER_FUNCTIONS = ("FedAvg", "FedProx", "FedMedian", "FedTrimmedAvg", "Krum", "Bulyan")
-
-
-def rss_mb() -> float:
-    """This process's peak RSS in MB. On Linux ``ru_maxrss`` also carries the parent's peak across
-    fork/exec, so the process's own high-water mark (VmHWM, what ru_maxrss reports for a process that
-    did not inherit a bigger one) is read instead."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def layout(params: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -108,12 +95,12 @@ def warm(paths: list[Path]) -> None:
 def child_ours(strategy: str, params: dict, paths: list[str], weights: list[int], out: str, global_path: str) -> dict:
     from fl_tasks.aggregation import FEDOPT, aggregate_files
 
-    base = rss_mb()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     kwargs = {"global_path": global_path} if strategy in FEDOPT else {}
     aggregate_files(strategy, params, list(zip(paths, weights, strict=True)), out, **kwargs)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mb": rss_mb(), "base_mb": base}
+    return {"seconds": seconds, "peak_mb": peak_rss_mb(), "base_mb": base}
 
 
 def child_flower(strategy: str, params: dict, paths: list[str], weights: list[int], out: str, global_path: str) -> dict:
@@ -124,7 +111,7 @@ def child_flower(strategy: str, params: dict, paths: list[str], weights: list[in
     if strategy not in FLOWER_FUNCTIONS:
         from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
         from flwr.server import strategy as flower_strategies
-    base = rss_mb()
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     names = None
     results = []
@@ -159,7 +146,7 @@ def child_flower(strategy: str, params: dict, paths: list[str], weights: list[in
         parameters, _ = flower.aggregate_fit(1, fit, [])
         result = parameters_to_ndarrays(parameters)
     seconds = time.perf_counter() - t0
-    peak = rss_mb()
+    peak = peak_rss_mb()
     results.clear()
     save_file({name: np.ascontiguousarray(a) for name, a in zip(names, result, strict=True)}, out)
     return {"seconds": seconds, "load_seconds": loaded - t0, "peak_mb": peak, "base_mb": base}

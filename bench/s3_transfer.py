@@ -28,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 
+from measure import peak_rss_mb  # bench/ is sys.path[0] when a benchmark runs
+
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 TENSOR_BYTES = 64 * MB
@@ -81,21 +83,6 @@ def start_moto() -> tuple[subprocess.Popen, str]:
             time.sleep(0.1)
     proc.terminate()
     raise RuntimeError("moto server did not start")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process in MiB.
-
-    ``VmHWM`` (Linux) rather than ``ru_maxrss``: Linux carries ``ru_maxrss`` across fork+exec, so a
-    child would report the parent's peak (here the parent writes the test file) if it was larger."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def child(args: argparse.Namespace) -> None:

@@ -40,6 +40,8 @@ class Placement:
     resources: dict[str, dict[str, str]] = field(default_factory=dict)
     image_pull_secrets: list[str] = field(default_factory=list)
     secrets: list[dict[str, str]] = field(default_factory=list)
+    volumes: list[dict] = field(default_factory=list)
+    volume_mounts: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

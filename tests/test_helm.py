@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-#: module-scoped fixtures render once: keep this module on one xdist worker
-pytestmark = pytest.mark.xdist_group("helm")
-
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 

@@ -17,9 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-#: module-scoped fixtures render once: keep this module on one xdist worker
-pytestmark = pytest.mark.xdist_group("kubernetes")
-
 REPO = Path(__file__).resolve().parents[1]
 #: A schema version kubernetes-validate ships (it has 1.2x .. 1.37).
 K8S_VERSION = "1.34.0"
@@ -63,6 +60,8 @@ SILO_PLACEMENTS = {
         "node_selector": {"topology.kubernetes.io/region": "eu-west-1"},
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
         "secrets": [{"secret": "eu-store"}],
+        "volumes": [{"name": "silo-data", "persistentVolumeClaim": {"claimName": "eu-digits", "readOnly": True}}],
+        "volume_mounts": [{"name": "silo-data", "mountPath": "/data", "readOnly": True}],
     },
     "asia": {
         "kubernetes_conn_id": "k8s_asia",
@@ -399,3 +398,16 @@ def test_one_round_on_a_real_cluster(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["state"] == "success" and summary["head_round"] >= 1
+
+
+def test_silo_data_volumes_are_mounted_where_the_spec_says(rendered):
+    pods, _text = rendered
+    eu_pods = [p for p in pods if p.manifest["metadata"]["labels"].get("airfed/silo") == "eu"]
+    assert {p.manifest["metadata"]["labels"]["airfed/step"] for p in eu_pods} == {"train", "validate", "evaluate"}
+    for pod in eu_pods:
+        volumes = {v["name"]: v for v in pod.manifest["spec"]["volumes"]}
+        assert volumes["silo-data"]["persistentVolumeClaim"] == {"claimName": "eu-digits", "readOnly": True}
+        mounts = {m["name"]: m for m in container(pod)["volumeMounts"]}
+        assert mounts["silo-data"] == {"name": "silo-data", "mountPath": "/data", "readOnly": True}
+    other = [p for p in pods if p.manifest["metadata"]["labels"].get("airfed/silo") == "us"]
+    assert all("silo-data" not in str(p.manifest["spec"].get("volumes")) for p in other)

@@ -14,8 +14,6 @@ import pytest
 from minio import Minio
 
 REPO = Path(__file__).resolve().parents[1]
-#: the module shares one run across its tests: keep them on one xdist worker
-pytestmark = pytest.mark.xdist_group("s3e2e")
 BUCKET, PREFIX = "airfed", "test"
 
 

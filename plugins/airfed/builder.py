@@ -109,7 +109,9 @@ def build_dag(spec: JobSpec, spec_path: str | Path) -> DAG:
             with TaskGroup(group_id=f"round_{slot}", tooltip=f"federated round slot {slot}") as group:
                 gate = ShortCircuitOperator(
                     task_id="gate", python_callable=round_gate, op_kwargs={"slot": slot},
-                    ignore_downstream_trigger_rules=False,
+                    # skip every later task of the run: all_done steps (aggregate, register) must not run
+                    # in a slot beyond the requested rounds (mapped ones skip themselves: runners/slots.py)
+                    ignore_downstream_trigger_rules=True,
                 )
                 calls = round_calls(spec, slot)
                 steps = ("distribute", "train", "validate", "aggregate", "evaluate", "register")

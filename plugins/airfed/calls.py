@@ -17,6 +17,8 @@ def _placement(spec: PlacementSpec) -> Placement:
         resources={k: {rk: str(rv) for rk, rv in v.items()} for k, v in spec.resources.items()},
         image_pull_secrets=list(spec.image_pull_secrets),
         secrets=[s.model_dump(exclude_none=True) for s in spec.secrets],
+        volumes=[dict(v) for v in spec.volumes],
+        volume_mounts=[dict(m) for m in spec.volume_mounts],
     )
 
 

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     from airfed import render
 
     render.add_commands(sub)
+    from airfed import up as up_command
+
+    up_command.add_commands(sub)
     from airfed.offline import add_commands as add_offline_commands
 
     add_offline_commands(sub)

@@ -64,6 +64,12 @@ class Placement(Strict):
     resources: dict[Literal["requests", "limits"], dict[str, str | int]] = Field(default_factory=dict)
     image_pull_secrets: list[str] = Field(default_factory=list)
     secrets: list[SecretRef] = Field(default_factory=list)
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod volumes (Kubernetes API form), e.g. the silo's data PVC."
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Mounts of those volumes into the step container (API form)."
+    )
 
 
 def _check_env(env: dict[str, str]) -> dict[str, str]:

@@ -22,12 +22,15 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
 from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from kubernetes.client import models as k8s
 
+from airfed.links import step_links
+from airfed.runners.slots import RoundSlotGuard
 from airfed.spec import JobSpec
-from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, Placement, StepCall
+from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, SKIP_EXIT_CODE, Placement, StepCall
 
 #: Where the provider's xcom sidecar reads a pod's result from (``PodDefaults.XCOM_MOUNT_PATH``).
 XCOM_RESULT_FILE = f"{PodDefaults.XCOM_MOUNT_PATH}/return.json"
@@ -63,7 +66,15 @@ def secret_objects(refs: list[dict[str, str]]) -> list[Secret]:
     return secrets
 
 
-class FlStepPodOperator(KubernetesPodOperator):
+def volume_objects(volumes: list[dict[str, Any]], mounts: list[dict[str, Any]]):
+    """Volumes and mounts given in Kubernetes API form (as in a Pod manifest) as client models."""
+    pod = PodGenerator.deserialize_model_dict(
+        {"spec": {"volumes": volumes, "containers": [{"name": "base", "volumeMounts": mounts}]}}
+    )
+    return list(pod.spec.volumes or []), list(pod.spec.containers[0].volume_mounts or [])
+
+
+class FlStepPodOperator(RoundSlotGuard, KubernetesPodOperator):
     """A ``KubernetesPodOperator`` running one airfed step, taking its placement as plain data.
 
     Secret refs, resources and image pull secrets arrive as JSON-friendly values (dicts, strings)
@@ -72,6 +83,7 @@ class FlStepPodOperator(KubernetesPodOperator):
     """
 
     ui_color = "#e4ecf7"
+    operator_extra_links = step_links()  # MLflow round run + registered model version
     #: The env is not a template, exactly as in the local runner: only the argv is (run id, round).
     #: The spec JSON in the distribute step's env may hold any text, braces included.
     template_fields = tuple(f for f in KubernetesPodOperator.template_fields if f != "env_vars")
@@ -85,8 +97,14 @@ class FlStepPodOperator(KubernetesPodOperator):
         container_resources: dict[str, dict[str, str]] | k8s.V1ResourceRequirements | None = None,
         image_pull_secrets: list[str] | list[k8s.V1LocalObjectReference] | str | None = None,
         secrets: list[Secret] | None = None,
+        volume_specs: list[dict[str, Any]] | None = None,
+        volume_mount_specs: list[dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
+        if volume_specs or volume_mount_specs:
+            volumes, mounts = volume_objects(volume_specs or [], volume_mount_specs or [])
+            kwargs["volumes"] = [*(kwargs.get("volumes") or []), *volumes]
+            kwargs["volume_mounts"] = [*(kwargs.get("volume_mounts") or []), *mounts]
         if isinstance(container_resources, dict):
             container_resources = k8s.V1ResourceRequirements(
                 requests=container_resources.get("requests") or None,
@@ -150,6 +168,8 @@ def placement_kwargs(placement: Placement) -> dict[str, Any]:
         "container_resources": {k: dict(v) for k, v in placement.resources.items()},
         "image_pull_secrets": list(placement.image_pull_secrets),
         "secret_refs": [dict(s) for s in placement.secrets],
+        "volume_specs": [dict(v) for v in placement.volumes],
+        "volume_mount_specs": [dict(m) for m in placement.volume_mounts],
     }
     return kwargs
 
@@ -178,6 +198,7 @@ def common_kwargs(spec: JobSpec, step: str, slot: int | None, silo: str | None =
         "get_logs": True,
         "log_events_on_failure": True,
         "on_finish_action": "delete_succeeded_pod",
+        "skip_on_exit_code": SKIP_EXIT_CODE,
         "startup_timeout_seconds": STARTUP_TIMEOUT_SECONDS,
         "security_context": dict(POD_SECURITY_CONTEXT),
         "container_security_context": dict(CONTAINER_SECURITY_CONTEXT),

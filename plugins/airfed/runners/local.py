@@ -17,16 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from fl_tasks.contract import RESULT_FILE_ENV, StepCall
+from airfed.links import step_links
+from airfed.runners.slots import RoundSlotGuard
+from fl_tasks.contract import RESULT_FILE_ENV, SKIP_EXIT_CODE, StepCall
 
 
-class LocalStepOperator(BaseOperator):
+class LocalStepOperator(RoundSlotGuard, BaseOperator):
     """Run ``python -m fl_tasks <step> ...`` as a subprocess with the StepCall's env."""
 
     template_fields = ("argv",)
     ui_color = "#e8f4ea"
+    operator_extra_links = step_links()  # MLflow round run + registered model version
 
     def __init__(self, *, step: str, argv: list[str], env: dict[str, str], silo: str | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -60,6 +63,8 @@ class LocalStepOperator(BaseOperator):
                 code = self._proc.wait()
             finally:
                 self._kill()
+            if code == SKIP_EXIT_CODE:
+                raise AirflowSkipException(tail[-1] if tail else f"step {self.step} had nothing to do")
             if code != 0:
                 raise AirflowException(
                     f"step {self.step}{f' (silo {self.silo})' if self.silo else ''} exited with code {code}; "

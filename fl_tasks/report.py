@@ -29,6 +29,7 @@ def convergence_plot(rows: list[dict], job: str, out_path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     rounds = [row["round"] for row in rows]
@@ -39,6 +40,7 @@ def convergence_plot(rows: list[dict], job: str, out_path: str | Path) -> Path:
     ax.plot(rounds, [row["global"] for row in rows], marker="o", linewidth=2.5, color="black", label="federated")
     metric = rows[-1]["metric"] if rows else "metric"
     ax.set(title=f"{job}: {metric} of the global model per round", xlabel="round", ylabel=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

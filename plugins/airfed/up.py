@@ -174,6 +174,15 @@ def airflow_login(airflow_home: Path) -> tuple[str, str | None]:
     return (", ".join(pairs) or f"see {path}"), path
 
 
+
+def report_exited(children: list, when: str, out) -> bool:
+    """Print the log tail of every child server that has exited; True if any has."""
+    dead = [c for c in children if not c.running()]
+    for child in dead:
+        print(f"airfed: {child.name} exited {when} (code {child.proc.returncode}); "
+              f"last lines of {child.log}:\n{child.tail()}", file=out, flush=True)
+    return bool(dead)
+
 def prepare_all_data(dags: Path, out: TextIO) -> list[str]:
     """Create missing silo data (``data.prepare``) for every valid spec; return the job names."""
     from airfed.run import _prepare_data
@@ -297,11 +306,7 @@ def up(
         mlflow_api = f"http://{client_host}:{mlflow_port}"
         ready = {"airflow": False, "mlflow": not local_mlflow}
         while not stop.is_set() and not all(ready.values()):
-            dead = [c for c in children if not c.running()]
-            if dead:
-                for child in dead:
-                    print(f"airfed: {child.name} exited with code {child.proc.returncode} during startup; "
-                          f"last lines of {child.log}:\n{child.tail()}", file=out, flush=True)
+            if report_exited(children, "during startup", out):
                 return 1
             if time.monotonic() > deadline:
                 waiting = ", ".join(name for name, ok in ready.items() if not ok)
@@ -331,11 +336,7 @@ def up(
         print("\n".join(lines), file=out, flush=True)
 
         while not stop.is_set():
-            dead = [c for c in children if not c.running()]
-            if dead:
-                for child in dead:
-                    print(f"airfed: {child.name} exited unexpectedly (code {child.proc.returncode}); "
-                          f"last lines of {child.log}:\n{child.tail()}", file=out, flush=True)
+            if report_exited(children, "unexpectedly", out):
                 return 1
             stop.wait(1.0)
         return 0

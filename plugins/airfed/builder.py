@@ -16,8 +16,8 @@ from airflow.providers.standard.operators.python import ShortCircuitOperator
 from airflow.sdk import DAG, Asset, Param, TaskGroup
 
 from airfed.calls import round_calls
-from airfed.spec import JobSpec
 from fl_tasks.contract import SILO_STEPS
+from fl_tasks.spec import JobSpec
 
 #: env override of how many round slots to unroll: ``airfed run --rounds N`` unrolls exactly N, so
 #: no skipped slots slow its run down.

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from airfed.spec import JobSpec
-from airfed.spec import Placement as PlacementSpec
 from fl_tasks.contract import SPEC_ENV, TIMEOUT_ENV, Placement, StepCall, step_argv
+from fl_tasks.spec import JobSpec
+from fl_tasks.spec import Placement as PlacementSpec
 
 
 def _placement(spec: PlacementSpec) -> Placement:

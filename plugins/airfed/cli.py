@@ -25,7 +25,7 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
 
 
 def _cmd_schema(ns: argparse.Namespace) -> int:
-    from airfed.spec import json_schema
+    from fl_tasks.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))
     return 0

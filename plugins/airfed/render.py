@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from airfed.spec import JobSpec
+from fl_tasks.spec import JobSpec
 
 DEFAULT_IMAGE = "airfed/fl-task:latest"
 DEFAULT_RUN_ID = "manual__2025-01-01T00:00:00+00:00"

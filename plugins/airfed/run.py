@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from airfed.environment import configure, migrate_airflow_db
-from airfed.spec import JobSpec
 from airfed.spec_loader import load_spec
+from fl_tasks.spec import JobSpec
 
 LOADER_SOURCE = '''"""airfed run: the DAG loader (airflow DAG) for the spec(s) in AIRFED_SPECS."""
 from airfed.loader import publish_dags

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from airfed.spec import JobSpec
+from fl_tasks.spec import JobSpec
 
 SPEC_SUFFIXES = (".yaml", ".yml")
 #: pydantic names each member of a union in an error's location; report the field once instead.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from airfed.spec import JobSpec
 from fl_tasks.contract import StepCall
+from fl_tasks.spec import JobSpec
 
 #: (step name, its StepCall or per-silo StepCalls, Airflow task options) -> the step's task
 OperatorFactory = Callable[[str, StepCall | list[StepCall], dict[str, Any]], Any]

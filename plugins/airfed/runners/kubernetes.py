@@ -29,8 +29,8 @@ from kubernetes.client import models as k8s
 
 from airfed.links import step_links
 from airfed.runners.slots import RoundSlotGuard
-from airfed.spec import JobSpec
 from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, SKIP_EXIT_CODE, Placement, StepCall
+from fl_tasks.spec import JobSpec
 
 #: Where the provider's xcom sidecar reads a pod's result from (``PodDefaults.XCOM_MOUNT_PATH``).
 XCOM_RESULT_FILE = f"{PodDefaults.XCOM_MOUNT_PATH}/return.json"

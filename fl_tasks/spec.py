@@ -1,8 +1,10 @@
 """The job spec: pydantic models for the YAML a user drops into ``dags/``.
 
 The models are the single source of truth: ``airfed schema`` exports their JSON Schema, the loader
-and ``airfed validate`` use them, and the DAG builder consumes the validated objects. Unknown fields
-are errors everywhere (``extra="forbid"``).
+and ``airfed validate`` use them, the DAG builder consumes the validated objects, and the steps
+receive the same model (validated again from JSON), so a default is defined here and nowhere else.
+Unknown fields are errors everywhere (``extra="forbid"``). Pure (pydantic only; croniter lazily):
+both halves import it, the Airflow side at DAG-parse time.
 """
 
 from __future__ import annotations

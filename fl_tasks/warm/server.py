@@ -490,8 +490,8 @@ def run_step(request: StepRequest) -> Any:
         os.kill(os.getpid(), signal.SIGINT)
         return 1
     except BaseException as exc:
-        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None  # hide run_step's frame
-        sys.excepthook(type(exc), exc, tb)
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # without run_step's own frame
         return 1
     return 0
 

@@ -34,6 +34,12 @@ def hang() -> None:
     time.sleep(1000)
 
 
+def ignore_term() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ignoring SIGTERM", flush=True)
+    time.sleep(1000)
+
+
 def alarm(seconds: str = "1") -> None:
     def expire(_signum, _frame):
         raise TimeoutError(f"timed out after {seconds}s")

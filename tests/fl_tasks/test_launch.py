@@ -356,8 +356,21 @@ def test_launcher_package_is_light():
 # ---------------------------------------------------------------- real steps, both paths
 
 
+def canonical_sha256(path: Path) -> str:
+    """sha256 of a safetensors file with its header's keys sorted.
+
+    safetensors writes the ``__metadata__`` map in Rust HashMap order, which is random per process:
+    two cold runs of the same step already differ in those bytes (fl_tasks.weights passes two
+    metadata keys). Everything else (tensor order, offsets, data) must be byte-identical.
+    """
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + raw[8 + size:]).hexdigest()
+
+
 def test_real_steps_commit_identical_weights_on_both_paths(tmp_path):
-    """A seeded distribute + train through each launcher: the same safetensors bytes in the store."""
+    """A seeded distribute + train through each launcher: the same weights, byte for byte, in the store."""
     from airfed.calls import round_calls, round_template
     from airfed.spec_loader import load_spec
 
@@ -384,8 +397,7 @@ def test_real_steps_commit_identical_weights_on_both_paths(tmp_path):
             assert code == 0, "\n".join(lines)
             assert json.loads(Path(env["AIRFED_RESULT_FILE"]).read_text())
         digests[name] = {
-            str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*.safetensors"))
+            str(p.relative_to(store)): canonical_sha256(p) for p in sorted(store.rglob("*.safetensors"))
         }
     stop_server(warm, {**common, **calls["train"][0].env}, str(REPO))
     assert set(digests["warm"]) == {"digits/rounds/1/global.safetensors", "digits/rounds/1/updates/us.safetensors"}

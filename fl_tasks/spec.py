@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from fl_tasks.strategy_names import STRATEGY_PARAMS, resolve_strategy_params
+
+#: strategy parameters the clients apply: distribute puts them in the round's train config
+CLIENT_CONFIG_PARAMS = ("proximal_mu",)
 
 NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label: valid as a pod name part
 JOB_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -131,10 +135,23 @@ class Strategy(Strict):
         resolve_strategy_params(self.name, self.params)  # ValueError names the parameter
         return self
 
+    def resolved_params(self) -> dict[str, object]:
+        """Every parameter of the strategy: the defaults overlaid with ``params``."""
+        return resolve_strategy_params(self.name, self.params)
+
+    def client_config(self) -> dict[str, ConfigScalar]:
+        """Parameters that the clients apply, sent in their train config (FedProx's ``proximal_mu``)."""
+        resolved = self.resolved_params()
+        return {k: v for k, v in resolved.items() if k in CLIENT_CONFIG_PARAMS}  # type: ignore[misc]
+
 
 class Quorum(Strict):
     min_silos: int = Field(1, ge=1, description="Fewest accepted updates a round may commit with.")
     min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Fewest accepted updates, as a fraction.")
+
+    def required(self, n_silos: int) -> int:
+        """Fewest accepted updates a round over ``n_silos`` (sampled) silos commits with."""
+        return max(1, self.min_silos, math.ceil(self.min_fraction * n_silos))
 
 
 class Guards(Strict):
@@ -223,9 +240,9 @@ class JobSpec(Strict):
 
     @field_validator("schedule")
     @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        if value is None or value in CRON_PRESETS:
-            return value
+    def _cron(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value in CRON_PRESETS or (info.context or {}).get("in_step"):
+            return value  # a step receives a spec the Airflow side validated; it has no croniter
         from croniter import croniter
 
         if not croniter.is_valid(value):
@@ -274,10 +291,18 @@ class JobSpec(Strict):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def step_payload(self) -> str:
-        """The spec as the distribute step receives it: validated JSON plus derived names."""
-        payload = self.model_dump(mode="json")
-        payload.update(_hash=self.spec_hash(), _model_name=self.model_name, _experiment=self.experiment_name)
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        """The spec as a step receives it (``AIRFED_SPEC``): its canonical JSON. The step validates it
+        again with :meth:`from_step_payload` and derives names and hash from the model."""
+        return self.canonical_json()
+
+    @classmethod
+    def from_step_payload(cls, raw: str) -> JobSpec:
+        """The validated spec from :meth:`step_payload`'s JSON (underscore keys of older Airflow sides,
+        which sent derived names along, are ignored: the model derives them)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("the job spec payload must be a JSON object")
+        return cls.model_validate({k: v for k, v in data.items() if not k.startswith("_")}, context={"in_step": True})
 
 
 def json_schema() -> dict[str, Any]:

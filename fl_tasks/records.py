@@ -36,9 +36,13 @@ from pydantic import (
 )
 
 from fl_tasks.spec import ConfigScalar, DifferentialPrivacy, Guards, Promotion, Quorum, Strategy
+from fl_tasks.strategies import V1_DEFAULTS
 
-#: The schema version this code writes. 1: the records as first written (no ``schema_version`` key).
-SCHEMA_VERSION = 1
+#: The schema version this code writes.
+#: 1: the records as first written (no ``schema_version`` key); strategy parameters as the spec gave
+#:    them, defaults implied by the code of the time.
+#: 2: strategy parameters by Flower's current names, every one spelled out (plan.json, result.json).
+SCHEMA_VERSION = 2
 #: Validation context of records read from the store (a missing ``schema_version`` means 1).
 STORED = {"stored": True}
 
@@ -71,6 +75,17 @@ class Record(BaseModel):
             if "schema_version" not in data:
                 data = {**data, "schema_version": 1}
         return data
+
+
+def _v1_strategy(data: Any, info: ValidationInfo) -> Any:
+    """A stored version-1 record's strategy, with the defaults it was computed with made explicit."""
+    if not (isinstance(data, dict) and info.context and info.context.get("stored")):
+        return data
+    strategy = data.get("strategy")
+    if data.get("schema_version", 1) == 1 and isinstance(strategy, dict) and strategy.get("name") in V1_DEFAULTS:
+        params = {**V1_DEFAULTS[strategy["name"]], **(strategy.get("params") or {})}
+        data = {**data, "strategy": {**strategy, "params": params}}
+    return data
 
 
 class ObjectRef(BaseModel):
@@ -147,6 +162,8 @@ class Plan(Record):
     sampling: Sampling | None = None
     input_global: ObjectRef
     previous_head: Head | None = None
+
+    _v1 = model_validator(mode="before")(_v1_strategy)
 
     @property
     def sampled_silos(self) -> list[str]:
@@ -248,6 +265,8 @@ class Result(Record):
     server_state_in: ObjectRef | None = None
     server_state: ObjectRef | None = None
     committed_at: float | None = None
+
+    _v1 = model_validator(mode="before")(_v1_strategy)
 
     @model_validator(mode="after")
     def _committed_has_global(self) -> Result:

@@ -15,12 +15,11 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fl_tasks.strategy_names import STRATEGY_PARAMS, resolve_strategy_params
-
-#: strategy parameters the clients apply: distribute puts them in the round's train config
-CLIENT_CONFIG_PARAMS = ("proximal_mu",)
+from fl_tasks import strategies
+from fl_tasks.strategies import STRATEGIES, StrategyParams
 
 NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label: valid as a pod name part
 JOB_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -116,33 +115,69 @@ class ModelInit(Strict):
 
 
 class Strategy(Strict):
-    name: str = Field("FedAvg", description=f"Flower strategy name: {', '.join(STRATEGY_PARAMS)}.")
-    params: dict[str, ConfigScalar] = Field(default_factory=dict)
+    """The aggregation strategy, named and parameterised as Flower's ``flwr.serverapp.strategy`` classes
+    (each parameter documented once, in :mod:`fl_tasks.strategies`). Legacy Flower names are mapped
+    to the current ones with a :class:`~fl_tasks.strategies.StrategyDeprecation` warning, so the
+    model always holds current names; ranges are checked as Flower's classes would meet them."""
+
+    name: str = Field("FedAvg", description=f"Flower strategy name: {', '.join(STRATEGIES)}.")
+    params: dict[str, ConfigScalar] = Field(default_factory=dict, description="The strategy's parameters.")
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="Fraction of silos sampled to train each round (Flower's fraction_train)."
     )
     sample_seed: int = Field(0, description="Seed of the per-round silo sample (recorded in plan.json).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _current_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("name", "FedAvg"), str) and isinstance(
+            data.get("params", {}), dict
+        ):
+            name, params = strategies.normalize(data.get("name", "FedAvg"), data.get("params"))
+            data = {**data, "name": name, "params": params}
+        return data
+
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in STRATEGY_PARAMS:
-            raise ValueError(f"unknown strategy {value!r}; expected one of {', '.join(STRATEGY_PARAMS)}")
+        strategies.strategy_class(value)  # ValueError lists the known names
         return value
 
-    @model_validator(mode="after")
-    def _known_params(self) -> Strategy:
-        resolve_strategy_params(self.name, self.params)  # ValueError names the parameter
-        return self
+    @field_validator("params")
+    @classmethod
+    def _in_range(cls, value: dict[str, ConfigScalar], info: ValidationInfo) -> dict[str, ConfigScalar]:
+        name = info.data.get("name")
+        if name is None:  # the name itself is wrong: reported on its own
+            return value
+        try:
+            strategies.check_params(name, value)
+        except ValidationError as exc:  # located at params.<parameter>, naming the value given
+            raise ValidationError.from_exception_data(
+                "params",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("strategy_param", "{problem}",
+                                                 {"problem": strategies.problem(name, err)}),
+                        loc=err["loc"],
+                        input=err["input"],
+                    )
+                    for err in exc.errors()
+                ],
+            ) from None
+        return value
 
-    def resolved_params(self) -> dict[str, object]:
-        """Every parameter of the strategy: the defaults overlaid with ``params``."""
-        return resolve_strategy_params(self.name, self.params)
+    def parameters(self) -> StrategyParams:
+        """The validated parameter model, defaults filled in."""
+        return strategies.check_params(self.name, self.params)
+
+    def resolved(self) -> Strategy:
+        """This strategy with every parameter spelled out (what plan.json records)."""
+        return self.model_copy(update={"params": self.parameters().model_dump()})
 
     def client_config(self) -> dict[str, ConfigScalar]:
-        """Parameters that the clients apply, sent in their train config (FedProx's ``proximal_mu``)."""
-        resolved = self.resolved_params()
-        return {k: v for k, v in resolved.items() if k in CLIENT_CONFIG_PARAMS}  # type: ignore[misc]
+        """Parameters the clients apply, sent in their train config (FedProx's ``proximal_mu``)."""
+        params = self.parameters()
+        return {k: getattr(params, k) for k in params.client_params}
 
 
 class Quorum(Strict):
@@ -267,6 +302,7 @@ class JobSpec(Strict):
             )
         if self.max_rounds_per_run is not None and self.max_rounds_per_run < self.rounds_per_run:
             raise ValueError("max_rounds_per_run must be >= rounds_per_run")
+        self.strategy.parameters().check_silo_count(len(self.silos))
         if self.runner == "kubernetes" and not self.image:
             raise ValueError("runner 'kubernetes' needs 'image' (the fl-task image)")
         return self

@@ -101,7 +101,7 @@ def run(env: StepEnv) -> None:
         created_at=now(),
         spec_hash=spec.spec_hash(),
         client_app=spec.client_app,
-        strategy=strategy,
+        strategy=strategy.resolved(),
         quorum=spec.quorum,
         guards=spec.guards,
         differential_privacy=spec.differential_privacy,

@@ -1,6 +1,6 @@
 """The store's JSON records, typed and versioned: every one is written and read through these models.
 
-One model per record of the store layout (DESIGN.md, "The store")::
+One model per record of the store layout (:mod:`fl_tasks.store.base`)::
 
     HEAD.json                        Head
     rounds/<r>/plan.json             Plan            (distribute)

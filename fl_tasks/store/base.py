@@ -1,6 +1,6 @@
 """The store interface: keys, checksums and the commit rule shared by every backend.
 
-Layout (DESIGN.md)::
+Layout::
 
     <prefix>/<job>/HEAD.json
     <prefix>/<job>/rounds/<r>/plan.json

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_tasks.paths import expand_path
+from fl_tasks.records import Plan, PlanSilo
 
 
 class ClientAppError(RuntimeError):
@@ -30,7 +33,8 @@ class Reply:
     metrics: dict[str, float | int]
 
     @property
-    def num_examples(self) -> object:
+    def num_examples(self) -> float | int | None:
+        """Flower's ``num-examples`` metric, as the client reported it (the guards judge it)."""
         return self.metrics.get("num-examples")
 
 
@@ -58,32 +62,40 @@ def load_client_app(ref: str) -> ClientApp:
     return app
 
 
-def node_config(silo: dict, round_number: int) -> dict[str, int | float | str | bool]:
+def node_config(silo: PlanSilo) -> dict[str, int | float | str | bool]:
     """The silo's Flower node config: its data location, name and any extra config from the spec."""
-    return {
-        **silo.get("node_config", {}),
-        "data-path": expand_path(silo["data"]),
-        "silo": silo["name"],
-    }
+    return {**silo.node_config, "data-path": expand_path(silo.data), "silo": silo.name}
+
+
+def silo_node_id(silo_name: str) -> int:
+    """A stable positive node id per silo (Flower node ids are integers)."""
+    return zlib.crc32(silo_name.encode()) or 1
+
+
+def run_client_app(plan: Plan, silo: PlanSilo, message_type: str, state: dict[str, torch.Tensor]) -> Reply:
+    """What a silo step does with the round's ClientApp: load it and send it one message with the
+    round's config (:meth:`Plan.client_config`)."""
+    app = load_client_app(plan.client_app)
+    return call_client_app(app, message_type, state, plan.client_config(), silo=silo, round_number=plan.round)
 
 
 def call_client_app(
     app: ClientApp,
     message_type: str,
     state: dict[str, torch.Tensor],
-    config: dict,
+    config: Mapping[str, int | float | str | bool],
     *,
-    silo: dict,
+    silo: PlanSilo,
     round_number: int,
-    node_id: int,
 ) -> Reply:
-    """Send one train/evaluate Message to the ClientApp and unpack its reply."""
+    """Send one train/evaluate Message to the ClientApp, as a SuperNode would, and unpack its reply."""
+    node_id = silo_node_id(silo.name)
     content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(dict(config))})
     message = Message(content=content, dst_node_id=node_id, message_type=message_type, group_id=str(round_number))
     context = Context(
         run_id=round_number,
         node_id=node_id,
-        node_config=node_config(silo, round_number),
+        node_config=node_config(silo),
         state=RecordDict(),
         run_config=dict(config),
     )
@@ -105,11 +117,3 @@ def call_client_app(
     if "num-examples" not in metrics:
         raise ClientAppError(f"the {message_type} handler's reply has no 'num-examples' metric")
     return Reply(arrays=arrays, metrics=metrics)
-
-
-def silo_node_id(silo_name: str) -> int:
-    """A stable positive node id per silo (Flower node ids are integers)."""
-    import zlib
-
-    return zlib.crc32(silo_name.encode()) or 1
-

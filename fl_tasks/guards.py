@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from fl_tasks.spec import Guards
 from fl_tasks.weights import tensor_specs
 
 
@@ -67,12 +68,12 @@ def check_update(
 
 
 def check_with_spec_guards(update_path: str | Path, global_path: str | Path, num_examples: object,
-                           guards: dict) -> GuardResult:
+                           guards: Guards) -> GuardResult:
     """:func:`check_update` with the bounds from the spec's ``guards`` section (as in plan.json)."""
     return check_update(
         update_path,
         global_path,
         num_examples=num_examples,
-        max_update_norm=guards.get("max_update_norm"),
-        max_num_examples=guards.get("max_num_examples"),
+        max_update_norm=guards.max_update_norm,
+        max_num_examples=guards.max_num_examples,
     )

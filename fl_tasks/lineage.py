@@ -11,14 +11,13 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from fl_tasks.store import airfed_home
+from fl_tasks.paths import airfed_home, redact_uri
 
 TAG_JOB = "airfed.job"
 TAG_DAG_RUN = "airfed.dag_run_id"
@@ -29,16 +28,6 @@ CHAMPION = "champion"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{airfed_home() / 'mlflow.db'}"
-
-
-def display_uri(uri: str | None = None) -> str:
-    """The tracking URI without any user:password part, for messages and logs."""
-    parsed = urlsplit(uri or tracking_uri())
-    if parsed.password is None and parsed.username is None:
-        return parsed.geturl()
-    host = parsed.hostname or ""
-    netloc = f"***@{host}" + (f":{parsed.port}" if parsed.port else "")
-    return urlunsplit(parsed._replace(netloc=netloc))
 
 
 class LineageUnavailable(RuntimeError):
@@ -52,8 +41,8 @@ def reporting_failures(what: str):
         yield
     except (MlflowException, OSError, ConnectionError) as exc:
         raise LineageUnavailable(
-            f"{what}: MLflow at {display_uri()} failed: {type(exc).__name__}: {exc}. The round's store records "
-            "are intact; the task will be retried, or clear it once MLflow is reachable."
+            f"{what}: MLflow at {redact_uri(tracking_uri())} failed: {type(exc).__name__}: {exc}. "
+            "The round's store records are intact; the task will be retried, or clear it once MLflow is reachable."
         ) from exc
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fl_tasks.records import Evaluation, RegistrySummary
 from fl_tasks.store import JobKeys, Store
 
 
@@ -11,16 +12,16 @@ def history(store: Store, keys: JobKeys, upto_round: int) -> list[dict]:
     """Per committed round: the federated value and each silo's evaluation of the global model."""
     rows = []
     for r in range(1, upto_round + 1):
-        summary = store.get_json_or_none(keys.registry(r))
+        summary = store.get_record_or_none(keys.registry(r), RegistrySummary)
         if summary is None:
             continue
-        metric = summary["promotion_metric"]
+        metric = summary.promotion_metric
         silos = {}
-        for name in [*summary["accepted"], *summary["rejected"]]:
-            ev = store.get_json_or_none(keys.evaluation(r, name))
-            if ev and metric in ev["metrics"]:
-                silos[name] = ev["metrics"][metric]
-        rows.append({"round": r, "metric": metric, "global": summary["promotion_value"], "silos": silos})
+        for name in [*summary.accepted, *summary.rejected]:
+            ev = store.get_record_or_none(keys.evaluation(r, name), Evaluation)
+            if ev and metric in ev.metrics:
+                silos[name] = ev.metrics[metric]
+        rows.append({"round": r, "metric": metric, "global": summary.promotion_value, "silos": silos})
     return rows
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from fl_tasks.strategy_names import STRATEGY_PARAMS, resolve_strategy_params
+from fl_tasks import strategies
+from fl_tasks.strategies import STRATEGIES, StrategyParams
 
 NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label: valid as a pod name part
 JOB_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -112,29 +115,78 @@ class ModelInit(Strict):
 
 
 class Strategy(Strict):
-    name: str = Field("FedAvg", description=f"Flower strategy name: {', '.join(STRATEGY_PARAMS)}.")
-    params: dict[str, ConfigScalar] = Field(default_factory=dict)
+    """The aggregation strategy, named and parameterised as Flower's ``flwr.serverapp.strategy`` classes
+    (each parameter documented once, in :mod:`fl_tasks.strategies`). Legacy Flower names are mapped
+    to the current ones with a :class:`~fl_tasks.strategies.StrategyDeprecation` warning, so the
+    model always holds current names; ranges are checked as Flower's classes would meet them."""
+
+    name: str = Field("FedAvg", description=f"Flower strategy name: {', '.join(STRATEGIES)}.")
+    params: dict[str, ConfigScalar] = Field(default_factory=dict, description="The strategy's parameters.")
     fraction_train: float = Field(
         1.0, gt=0, le=1, description="Fraction of silos sampled to train each round (Flower's fraction_train)."
     )
     sample_seed: int = Field(0, description="Seed of the per-round silo sample (recorded in plan.json).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _current_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("name", "FedAvg"), str) and isinstance(
+            data.get("params", {}), dict
+        ):
+            name, params = strategies.normalize(data.get("name", "FedAvg"), data.get("params"))
+            data = {**data, "name": name, "params": params}
+        return data
+
     @field_validator("name")
     @classmethod
     def _known(cls, value: str) -> str:
-        if value not in STRATEGY_PARAMS:
-            raise ValueError(f"unknown strategy {value!r}; expected one of {', '.join(STRATEGY_PARAMS)}")
+        strategies.strategy_class(value)  # ValueError lists the known names
         return value
 
-    @model_validator(mode="after")
-    def _known_params(self) -> Strategy:
-        resolve_strategy_params(self.name, self.params)  # ValueError names the parameter
-        return self
+    @field_validator("params")
+    @classmethod
+    def _in_range(cls, value: dict[str, ConfigScalar], info: ValidationInfo) -> dict[str, ConfigScalar]:
+        name = info.data.get("name")
+        if name is None:  # the name itself is wrong: reported on its own
+            return value
+        try:
+            strategies.check_params(name, value)
+        except ValidationError as exc:  # located at params.<parameter>, naming the value given
+            raise ValidationError.from_exception_data(
+                "params",
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("strategy_param", "{problem}",
+                                                 {"problem": strategies.problem(name, err)}),
+                        loc=err["loc"],
+                        input=err["input"],
+                    )
+                    for err in exc.errors()
+                ],
+            ) from None
+        return value
+
+    def parameters(self) -> StrategyParams:
+        """The validated parameter model, defaults filled in."""
+        return strategies.check_params(self.name, self.params)
+
+    def resolved(self) -> Strategy:
+        """This strategy with every parameter spelled out (what plan.json records)."""
+        return self.model_copy(update={"params": self.parameters().model_dump()})
+
+    def client_config(self) -> dict[str, ConfigScalar]:
+        """Parameters the clients apply, sent in their train config (FedProx's ``proximal_mu``)."""
+        params = self.parameters()
+        return {k: getattr(params, k) for k in params.client_params}
 
 
 class Quorum(Strict):
     min_silos: int = Field(1, ge=1, description="Fewest accepted updates a round may commit with.")
     min_fraction: float = Field(0.0, ge=0.0, le=1.0, description="Fewest accepted updates, as a fraction.")
+
+    def required(self, n_silos: int) -> int:
+        """Fewest accepted updates a round over ``n_silos`` (sampled) silos commits with."""
+        return max(1, self.min_silos, math.ceil(self.min_fraction * n_silos))
 
 
 class Guards(Strict):
@@ -223,9 +275,9 @@ class JobSpec(Strict):
 
     @field_validator("schedule")
     @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        if value is None or value in CRON_PRESETS:
-            return value
+    def _cron(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value in CRON_PRESETS or (info.context or {}).get("in_step"):
+            return value  # a step receives a spec the Airflow side validated; it has no croniter
         from croniter import croniter
 
         if not croniter.is_valid(value):
@@ -250,6 +302,7 @@ class JobSpec(Strict):
             )
         if self.max_rounds_per_run is not None and self.max_rounds_per_run < self.rounds_per_run:
             raise ValueError("max_rounds_per_run must be >= rounds_per_run")
+        self.strategy.parameters().check_silo_count(len(self.silos))
         if self.runner == "kubernetes" and not self.image:
             raise ValueError("runner 'kubernetes' needs 'image' (the fl-task image)")
         return self
@@ -274,10 +327,18 @@ class JobSpec(Strict):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
     def step_payload(self) -> str:
-        """The spec as the distribute step receives it: validated JSON plus derived names."""
-        payload = self.model_dump(mode="json")
-        payload.update(_hash=self.spec_hash(), _model_name=self.model_name, _experiment=self.experiment_name)
-        return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        """The spec as a step receives it (``AIRFED_SPEC``): its canonical JSON. The step validates it
+        again with :meth:`from_step_payload` and derives names and hash from the model."""
+        return self.canonical_json()
+
+    @classmethod
+    def from_step_payload(cls, raw: str) -> JobSpec:
+        """The validated spec from :meth:`step_payload`'s JSON (underscore keys of older Airflow sides,
+        which sent derived names along, are ignored: the model derives them)."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("the job spec payload must be a JSON object")
+        return cls.model_validate({k: v for k, v in data.items() if not k.startswith("_")}, context={"in_step": True})
 
 
 def json_schema() -> dict[str, Any]:

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from airfed.cli import main as airfed
+from flower_reference import serverapp_train
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from flwr.server.strategy.aggregate import (
@@ -30,8 +31,11 @@ from flwr.server.strategy.aggregate import (
     aggregate_median,
     aggregate_trimmed_avg,
 )
+from flwr.serverapp import strategy as serverapp
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
+
+from fl_tasks.strategies import resolved_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"encoder.weight": (48, 16), "encoder.bias": (48,), "decoder.weight": (5, 48), "temperature": ()}
@@ -77,12 +81,21 @@ CASES = [
     ("FedProx", ["--param", "proximal_mu=0.01"], True, aggregate),
     ("FedMedian", [], False, aggregate_median),
     ("FedTrimmedAvg", ["--param", "beta=0.25"], False, lambda res: aggregate_trimmed_avg(res, 0.25)),
-    ("Krum", ["--param", "num_malicious_clients=1"], False, lambda res: aggregate_krum(res, 1, 0)),
-    ("Krum", ["--param", "num_malicious_clients=1", "--param", "num_clients_to_keep=3"], True,
-     lambda res: aggregate_krum(res, 1, 3)),
-    ("Bulyan", ["--param", "num_malicious_clients=1"], False,
-     lambda res: aggregate_bulyan(copy.deepcopy(res), 1, aggregate_krum, to_keep=0)),
+    ("Krum", ["--param", "num_malicious_nodes=2"], False, lambda res: aggregate_krum(res, 2, 0)),
+    ("MultiKrum", ["--param", "num_malicious_nodes=2", "--param", "num_nodes_to_select=3"], True,
+     lambda res: aggregate_krum(res, 2, 3)),
+    ("Bulyan", ["--param", "num_malicious_nodes=1"], False,
+     lambda res: serverapp_train(serverapp.Bulyan, res, num_malicious_nodes=1)),
+    ("Bulyan", [], False, lambda res: aggregate_bulyan(copy.deepcopy(res), 0, aggregate_krum, to_keep=0)),
 ]
+
+
+def test_legacy_parameter_names_work_with_a_deprecation_line(tmp_path, capsys):
+    files, results = torch_updates(tmp_path, 8, seed=5)
+    ours = run_aggregate(tmp_path, "Krum", files, "--param", "num_malicious_clients=2", weights=False)
+    assert_close(ours, aggregate_krum(results, 2, 0))
+    err = capsys.readouterr().err
+    assert "deprecated: strategy: num_malicious_clients is a legacy Flower name; use num_malicious_nodes" in err
 
 
 @pytest.mark.parametrize("strategy,extra,weighted,flower", CASES, ids=[f"{c[0]}{len(c[1])}" for c in CASES])
@@ -101,7 +114,8 @@ def test_aggregate_server_optimizers_carry_state_like_flower(tmp_path):
         (FedAdagrad, "FedAdagrad", {"eta": 0.03}),
         (FedYogi, "FedYogi", {"tau": 0.01}),
     ]:
-        flower = cls(initial_parameters=ndarrays_to_parameters([base[n].numpy() for n in SHAPES]), **params)
+        flower = cls(initial_parameters=ndarrays_to_parameters([base[n].numpy() for n in SHAPES]),
+                     **resolved_params(strategy, params))  # Flower's legacy classes: older defaults
         glob = tmp_path / f"{strategy}_g1.safetensors"
         save_file(base, str(glob))
         current, state_in = base, None
@@ -125,9 +139,14 @@ def test_aggregate_server_optimizers_carry_state_like_flower(tmp_path):
     "args,message",
     [
         (["--strategy", "FedMagic"], "unknown strategy 'FedMagic'"),
-        (["--strategy", "FedAvg", "--param", "beta=0.1"], "unknown parameter 'beta' for FedAvg; accepted: none"),
-        (["--strategy", "FedTrimmedAvg", "--param", "beta=lots"], "parameter 'beta' of FedTrimmedAvg must be float"),
-        (["--strategy", "Krum", "--param", "num_malicious_clients=1.5"], "must be int"),
+        (["--strategy", "FedAvg", "--param", "beta=0.1"],
+         "parameter 'beta' of FedAvg: unknown parameter for FedAvg; accepted: none"),
+        (["--strategy", "FedTrimmedAvg", "--param", "beta=lots"],
+         "parameter 'beta' of FedTrimmedAvg: Input should be a valid number (got 'lots'"),
+        (["--strategy", "FedTrimmedAvg", "--param", "beta=0.7"],
+         "parameter 'beta' of FedTrimmedAvg: Input should be less than 0.5 (got 0.7"),
+        (["--strategy", "Krum", "--param", "num_malicious_nodes=1.5"],
+         "parameter 'num_malicious_nodes' of Krum: Input should be a valid integer"),
         (["--strategy", "FedAvg", "--param", "novalue"], "expected key=value"),
         (["--strategy", "FedAvg", "NOWEIGHT"], "has no weight: FedAvg weights updates by their example counts"),
         (["--strategy", "FedMedian", "missing.safetensors"], "missing.safetensors: no such file"),

@@ -1,7 +1,8 @@
 """Every strategy equals Flower's own code on the same random inputs.
 
-Flower's aggregation functions (``flwr.server.strategy.aggregate``) and strategy classes
-(``FedAvgM``, ``FedAdagrad``, ``FedAdam``, ``FedYogi`` via ``aggregate_fit``) run on NumPy lists;
+Flower's aggregation functions (``flwr.server.strategy.aggregate``), its strategy classes
+(``FedAvgM``, ``FedAdagrad``, ``FedAdam``, ``FedYogi`` via ``aggregate_fit``) and the current
+``flwr.serverapp.strategy`` classes (Krum, MultiKrum, Bulyan via ``aggregate_train``) run on NumPy;
 ours stream the same updates from safetensors files. Shapes, dtypes, silo counts and example counts
 vary; chunking is also forced down to a few elements so multi-chunk paths run on small tensors.
 """
@@ -12,8 +13,9 @@ import copy
 
 import numpy as np
 import pytest
+from flower_reference import serverapp_train
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.server.strategy import Bulyan, FedAdagrad, FedAdam, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi, Krum
+from flwr.server.strategy import FedAdagrad, FedAdam, FedAvgM, FedMedian, FedTrimmedAvg, FedYogi, Krum
 from flwr.server.strategy.aggregate import (
     aggregate,
     aggregate_bulyan,
@@ -21,11 +23,12 @@ from flwr.server.strategy.aggregate import (
     aggregate_median,
     aggregate_trimmed_avg,
 )
+from flwr.serverapp import strategy as serverapp
 from safetensors.numpy import load_file, save_file
 
 from fl_tasks.aggregation import aggregate_files, read_state_info, stream
 from fl_tasks.aggregation.robust import sorted_rows, sorting_network
-from fl_tasks.strategy_names import STRATEGY_PARAMS
+from fl_tasks.strategies import STRATEGIES, StrategyDeprecation, resolved_params
 
 SHAPES = {
     "small": {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (10, 72), "fc.bias": (10,), "scale": ()},
@@ -90,11 +93,14 @@ CASES = [
     ("FedTrimmedAvg", {}, lambda res: aggregate_trimmed_avg(res, 0.2)),
     ("FedTrimmedAvg", {"beta": 0.34}, lambda res: aggregate_trimmed_avg(res, 0.34)),
     ("Krum", {}, lambda res: aggregate_krum(res, 0, 0)),
-    ("Krum", {"num_malicious_clients": 2}, lambda res: aggregate_krum(res, 2, 0)),
-    ("Krum", {"num_malicious_clients": 1, "num_clients_to_keep": 3}, lambda res: aggregate_krum(res, 1, 3)),
+    ("Krum", {"num_malicious_nodes": 2}, lambda res: aggregate_krum(res, 2, 0)),
+    ("Krum", {"num_malicious_nodes": 2}, lambda res: serverapp_train(serverapp.Krum, res, num_malicious_nodes=2)),
+    ("MultiKrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 3}, lambda res: aggregate_krum(res, 1, 3)),
+    ("MultiKrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 3},
+     lambda res: serverapp_train(serverapp.MultiKrum, res, num_malicious_nodes=1, num_nodes_to_select=3)),
     ("Bulyan", {}, lambda res: aggregate_bulyan(copy.deepcopy(res), 0, aggregate_krum, to_keep=0)),
-    ("Bulyan", {"num_malicious_clients": 1},
-     lambda res: aggregate_bulyan(copy.deepcopy(res), 1, aggregate_krum, to_keep=0)),
+    ("Bulyan", {}, lambda res: serverapp_train(serverapp.Bulyan, res)),
+    ("Bulyan", {"num_malicious_nodes": 1}, lambda res: serverapp_train(serverapp.Bulyan, res, num_malicious_nodes=1)),
 ]
 
 
@@ -107,7 +113,7 @@ def test_equals_flower_function(tmp_path, chunking, strategy, params, flower, n,
     ours, info = run_ours(tmp_path, strategy, params, inputs, shapes)
     theirs = flower(results)
     assert_equal_to_flower(ours, theirs, dtype)
-    if strategy == "Krum" and not params.get("num_clients_to_keep"):
+    if strategy == "Krum":
         # Krum returns one of the updates, bit for bit
         chosen = info["selected"][0]
         assert all(np.array_equal(a, b) for a, b in zip(ours, results[chosen][0], strict=True))
@@ -117,7 +123,7 @@ def test_equals_flower_function(tmp_path, chunking, strategy, params, flower, n,
 @pytest.mark.parametrize("strategy,params,flower", CASES[:6], ids=[f"{c[0]}{c[1] or ''}" for c in CASES[:6]])
 @pytest.mark.parametrize("n", [1, 2, 3, 16])
 def test_silo_counts_and_float16(tmp_path, strategy, params, flower, n):
-    if strategy == "Krum" and n < 3 and params:
+    if strategy in ("Krum", "MultiKrum") and n < 3 and params:
         pytest.skip("needs more silos")
     shapes = SHAPES["small"]
     inputs, results = make_updates(tmp_path, n, shapes, np.float16, seed=100 + n, max_weight=20)
@@ -130,16 +136,16 @@ def test_silo_counts_and_float16(tmp_path, strategy, params, flower, n):
     [
         (FedMedian, "FedMedian", {}),
         (FedTrimmedAvg, "FedTrimmedAvg", {"beta": 0.1}),
-        (Krum, "Krum", {"num_malicious_clients": 1, "num_clients_to_keep": 2}),
-        (Bulyan, "Bulyan", {"num_malicious_clients": 1}),
+        (Krum, "MultiKrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 2}),
     ],
 )
 def test_equals_flower_strategy_objects(tmp_path, cls, strategy, params):
+    """Flower's legacy strategy classes (``flwr.server.strategy``, ``aggregate_fit``)."""
     shapes = SHAPES["small"]
     inputs, results = make_updates(tmp_path, 9, shapes, np.float32, seed=7)
     kwargs = dict(params)
-    if cls is Bulyan:
-        kwargs["to_keep"] = 0  # forwarded by Bulyan to its first rule, aggregate_krum
+    if cls is Krum:
+        kwargs = {"num_malicious_clients": 1, "num_clients_to_keep": 2}  # the legacy names
     flower = cls(**kwargs)
     parameters, _metrics = flower.aggregate_fit(1, fit_results(results), [])
     ours, _ = run_ours(tmp_path, strategy, params, inputs, shapes)
@@ -172,7 +178,9 @@ def test_server_optimizers_equal_flower_over_rounds(tmp_path, chunking, cls, str
     rng = np.random.default_rng(3)
     global0 = {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
     save_file(global0, str(tmp_path / "global_1.safetensors"))
-    flower = cls(initial_parameters=ndarrays_to_parameters([global0[name] for name in shapes]), **params)
+    # Flower's legacy classes, given every parameter: their defaults predate the current ones (tau)
+    flower = cls(initial_parameters=ndarrays_to_parameters([global0[name] for name in shapes]),
+                 **resolved_params(strategy, params))
 
     state_in = None
     current = global0
@@ -304,12 +312,13 @@ def test_mismatched_updates_are_refused(tmp_path):
     "strategy,params,n,message",
     [
         ("FedMagic", {}, 3, "unknown strategy"),
-        ("FedAvg", {"eta": 1.0}, 3, "unknown parameter 'eta' for FedAvg"),
-        ("Krum", {"num_malicious_clients": 0.5}, 3, "must be int"),
-        ("FedTrimmedAvg", {"beta": 0.5}, 4, r"\[0, 0.5\)"),
-        ("Bulyan", {"num_malicious_clients": 1}, 6, "at least 4"),
+        ("FedAvg", {"eta": 1.0}, 3, "parameter 'eta' of FedAvg: unknown parameter for FedAvg; accepted: none"),
+        ("Krum", {"num_malicious_nodes": 0.5}, 3, "parameter 'num_malicious_nodes' of Krum: .*valid integer"),
+        ("FedTrimmedAvg", {"beta": 0.5}, 4, r"parameter 'beta' of FedTrimmedAvg: .*less than 0.5 \(got 0.5;"),
+        ("Bulyan", {"num_malicious_nodes": 1}, 6, "at least 4"),
         ("Bulyan", {"to_keep": 2}, 7, "to_keep"),
-        ("Krum", {"num_clients_to_keep": 9}, 3, "cannot keep"),
+        ("MultiKrum", {"num_nodes_to_select": 9}, 3, "cannot select 9 of 3"),
+        ("Krum", {"num_nodes_to_select": 2}, 3, "num_nodes_to_select"),
     ],
 )
 def test_bad_parameters_are_refused(tmp_path, strategy, params, n, message):
@@ -321,6 +330,33 @@ def test_bad_parameters_are_refused(tmp_path, strategy, params, n, message):
 def test_every_strategy_name_is_implemented(tmp_path):
     shapes = SHAPES["long"]
     inputs, _ = make_updates(tmp_path, 5, shapes, np.float32, seed=6)
-    for name in STRATEGY_PARAMS:
+    for name in STRATEGIES:
         info = aggregate_files(name, {}, inputs, tmp_path / "out", global_path=inputs[0][0])
         assert info["strategy"] == name
+
+
+@pytest.mark.parametrize(
+    "legacy,current",
+    [
+        (("Krum", {"num_malicious_clients": 1}), ("Krum", {"num_malicious_nodes": 1})),
+        (("Krum", {"num_malicious_clients": 1, "num_clients_to_keep": 3}),
+         ("MultiKrum", {"num_malicious_nodes": 1, "num_nodes_to_select": 3})),
+        (("Bulyan", {"num_malicious_clients": 1, "to_keep": 0}), ("Bulyan", {"num_malicious_nodes": 1})),
+    ],
+)
+def test_legacy_names_still_work_with_a_deprecation_naming_the_new_one(tmp_path, legacy, current):
+    inputs, _ = make_updates(tmp_path, 8, SHAPES["long"], np.float32, seed=8)
+    with pytest.warns(StrategyDeprecation, match="legacy Flower name; use") as caught:
+        old = aggregate_files(*legacy, inputs, tmp_path / "old")
+    assert any(current[0] in str(w.message) or next(iter(current[1])) in str(w.message) for w in caught)
+    new = aggregate_files(*current, inputs, tmp_path / "new")
+    assert old["strategy"] == new["strategy"] == current[0] and old["params"] == new["params"]
+    assert (tmp_path / "old").read_bytes() == (tmp_path / "new").read_bytes()
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_defaults_are_flowers(name):
+    """Every parameter and default as Flower's current class of the same name has them."""
+    flower = getattr(serverapp, name)()
+    for key, value in STRATEGIES[name]().model_dump().items():
+        assert getattr(flower, key) == value, key

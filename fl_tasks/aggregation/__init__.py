@@ -11,19 +11,26 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from fl_tasks import strategies
 from fl_tasks.aggregation.fedavg import fedavg_files
 from fl_tasks.aggregation.fedopt import fedopt_files, read_state_info
 from fl_tasks.aggregation.robust import bulyan_files, krum_files, median_files, trimmed_avg_files
 from fl_tasks.aggregation.stream import single_threaded_blas
-from fl_tasks.strategy_names import resolve_strategy_params
+from fl_tasks.strategies import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvgM,
+    FedMedian,
+    FedTrimmedAvg,
+    FedYogi,
+    MultiKrum,
+)
 
-FEDOPT = ("FedAvgM", "FedAdagrad", "FedAdam", "FedYogi")
-#: strategies whose result does not depend on the example counts (Flower ignores them too)
-IGNORES_WEIGHTS = ("FedMedian", "FedTrimmedAvg", "Bulyan")
 #: strategies that read the round's input global and keep server optimiser state between rounds
-STATEFUL = FEDOPT
+FEDOPT = (FedAvgM, FedAdagrad, FedAdam, FedYogi)
 
-__all__ = ["FEDOPT", "IGNORES_WEIGHTS", "STATEFUL", "aggregate_files", "read_state_info"]
+__all__ = ["FEDOPT", "aggregate_files", "read_state_info"]
 
 
 def aggregate_files(
@@ -38,41 +45,38 @@ def aggregate_files(
 ) -> dict:
     """Aggregate ``inputs`` ((path, num_examples) pairs) into ``out_path`` with ``strategy``.
 
-    ``global_path`` is the round's input global model and ``state_in``/``state_out`` the server
-    optimiser state before/after the round; only the FedOpt family (FedAvgM, FedAdagrad, FedAdam,
-    FedYogi) uses them. Returns what was done: the resolved ``params``, ``selected`` update indices
-    (Krum, Bulyan), ``server_round`` and ``state_written`` (FedOpt family).
+    ``params`` are the strategy's parameters by Flower's names (legacy names are mapped, with a
+    warning). ``global_path`` is the round's input global model and ``state_in``/``state_out`` the
+    server optimiser state before/after the round; only the FedOpt family (FedAvgM, FedAdagrad,
+    FedAdam, FedYogi) uses them. Returns what was done: the resolved ``params``, ``selected``
+    update indices (Krum, MultiKrum, Bulyan), ``server_round`` and ``state_written`` (FedOpt family).
     """
-    resolved = resolve_strategy_params(strategy, params)
+    name, given = strategies.normalize(strategy, params)
+    try:
+        model = strategies.check_params(name, given)
+    except strategies.ValidationError as exc:
+        raise ValueError(strategies.describe_error(name, exc)) from None
     if not inputs:
-        raise ValueError(f"{strategy} needs at least one update")
-    info: dict = {"strategy": strategy, "params": resolved, "num_updates": len(inputs)}
+        raise ValueError(f"{name} needs at least one update")
+    resolved = model.model_dump()
+    info: dict = {"strategy": name, "params": resolved, "num_updates": len(inputs)}
     with single_threaded_blas():
-        if strategy in ("FedAvg", "FedProx"):
-            info.update(fedavg_files(inputs, out_path))
-        elif strategy in FEDOPT:
+        if isinstance(model, FEDOPT):
             info.update(
                 fedopt_files(
-                    strategy, resolved, inputs, out_path,
+                    name, resolved, inputs, out_path,
                     global_path=global_path, state_in=state_in, state_out=state_out,
                 )
             )
-        elif strategy == "FedMedian":
+        elif isinstance(model, FedMedian):
             info.update(median_files(inputs, out_path))
-        elif strategy == "FedTrimmedAvg":
-            info.update(trimmed_avg_files(inputs, out_path, float(resolved["beta"])))
-        elif strategy == "Krum":
-            info.update(
-                krum_files(
-                    inputs, out_path, int(resolved["num_malicious_clients"]), int(resolved["num_clients_to_keep"])
-                )
-            )
-        elif strategy == "Bulyan":
-            info.update(
-                bulyan_files(inputs, out_path, int(resolved["num_malicious_clients"]), int(resolved["to_keep"]))
-            )
-        else:  # pragma: no cover - STRATEGY_PARAMS and this dispatch are kept in step by the tests
-            raise NotImplementedError(f"strategy {strategy} is not implemented")
+        elif isinstance(model, FedTrimmedAvg):
+            info.update(trimmed_avg_files(inputs, out_path, model.beta))
+        elif isinstance(model, MultiKrum):  # Krum too: MultiKrum selecting one
+            info.update(krum_files(inputs, out_path, model.num_malicious_nodes, model.num_nodes_to_select))
+        elif isinstance(model, Bulyan):
+            info.update(bulyan_files(inputs, out_path, model.num_malicious_nodes))
+        else:  # FedAvg, FedProx
+            info.update(fedavg_files(inputs, out_path))
     info.setdefault("state_written", False)
     return info
-

@@ -1,7 +1,7 @@
-"""Byzantine-robust strategies over safetensors files: FedMedian, FedTrimmedAvg, Krum (MultiKrum), Bulyan.
+"""Byzantine-robust strategies over safetensors files: FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan.
 
-Same results as Flower's ``aggregate_median``, ``aggregate_trimmed_avg``, ``aggregate_krum`` and
-``aggregate_bulyan`` (which ignore the example counts, except MultiKrum's final average), streamed:
+Same results as Flower's ``flwr.serverapp.strategy`` classes of those names (the example counts are
+ignored, except by MultiKrum's final average; Bulyan selects with ``select_multikrum``), streamed:
 
 - Median and trimmed mean are elementwise, so each tensor is processed in chunks: the N slices of a
   chunk are sorted per element with a sorting network of vectorised min/max operations (for N <= 64;
@@ -187,12 +187,10 @@ def krum_scores(dist: np.ndarray, num_malicious: int) -> list[float]:
     return [float(np.sum(dist[i, closest[i]])) for i in range(len(dist))]
 
 
-def krum_select(dist: np.ndarray, num_malicious: int, to_keep: int) -> list[int]:
-    """Indices Flower's ``aggregate_krum`` uses: [argmin score] (Krum) or the ``to_keep`` best (MultiKrum)."""
+def krum_select(dist: np.ndarray, num_malicious: int, num_to_select: int) -> list[int]:
+    """Indices Flower's ``select_multikrum`` keeps: the ``num_to_select`` lowest Krum scores."""
     scores = krum_scores(dist, num_malicious)
-    if to_keep > 0:
-        return [int(i) for i in np.argsort(scores)[::-1][len(scores) - to_keep :]]
-    return [int(np.argmin(scores))]
+    return [int(i) for i in np.argsort(scores, kind="stable")[:num_to_select]]
 
 
 def _copy_update(updates: UpdateSet, index: int, out_path: str | Path) -> None:
@@ -207,61 +205,40 @@ def _copy_update(updates: UpdateSet, index: int, out_path: str | Path) -> None:
             writer.write(name, start, buf[: stop - start])
 
 
-def _check_counts(strategy: str, count: int, num_malicious: int, to_keep: int) -> None:
-    if num_malicious < 0 or to_keep < 0:
-        raise ValueError(f"{strategy} parameters must be >= 0 (num_malicious_clients={num_malicious}, keep={to_keep})")
-    if to_keep > count:
-        raise ValueError(f"{strategy} cannot keep {to_keep} of {count} updates")
-
-
 def krum_files(
-    inputs: Sequence[tuple[str | Path, float]], out_path: str | Path, num_malicious: int, to_keep: int
+    inputs: Sequence[tuple[str | Path, float]], out_path: str | Path, num_malicious: int, num_to_select: int = 1
 ) -> dict:
-    """Flower's ``aggregate_krum``: the update with the lowest Krum score, or (``to_keep`` > 0,
-    MultiKrum) the example-weighted mean of the ``to_keep`` lowest-scoring updates."""
-    _check_counts("Krum", len(inputs), num_malicious, to_keep)
-    weights = check_weights([w for _p, w in inputs], "Krum") if to_keep > 0 else None
+    """Flower's Krum / MultiKrum (``select_multikrum``): the update with the lowest Krum score, copied
+    bit for bit (Krum), or the example-weighted mean of the ``num_to_select`` lowest-scoring ones."""
+    if num_malicious < 0 or num_to_select < 1:
+        raise ValueError(f"Krum needs num_malicious_nodes >= 0 and num_nodes_to_select >= 1, got "
+                         f"{num_malicious} and {num_to_select}")
+    if num_to_select > len(inputs):
+        raise ValueError(f"MultiKrum cannot select {num_to_select} of {len(inputs)} updates (num_nodes_to_select)")
+    weights = check_weights([w for _p, w in inputs], "MultiKrum") if num_to_select > 1 else None
     with UpdateSet([p for p, _w in inputs]) as updates:
-        selected = krum_select(squared_distances(updates), num_malicious, to_keep)
-        if to_keep > 0:
+        selected = krum_select(squared_distances(updates), num_malicious, num_to_select)
+        if weights is not None:
             write_mean(updates, weights, out_path, selected)
         else:
             _copy_update(updates, selected[0], out_path)
     return {"selected": selected}
 
 
-def bulyan_select(dist: np.ndarray, num_malicious: int) -> list[int]:
-    """Flower's Bulyan first stage with Krum: pick n - 2f updates one at a time, each the Krum choice
-    among those not yet picked."""
-    remaining = list(range(len(dist)))
-    selected: list[int] = []
-    for _ in range(len(dist) - 2 * num_malicious):
-        sub = dist[np.ix_(remaining, remaining)]
-        best = krum_select(sub, num_malicious, 0)[0]
-        selected.append(remaining.pop(best))
-    return selected
-
-
-def bulyan_files(
-    inputs: Sequence[tuple[str | Path, float]], out_path: str | Path, num_malicious: int, to_keep: int
-) -> dict:
-    """Flower's ``aggregate_bulyan`` with Krum as the first rule: select n - 2f updates by repeated
-    Krum, then per element average the n - 4f values closest to the selected updates' median."""
+def bulyan_files(inputs: Sequence[tuple[str | Path, float]], out_path: str | Path, num_malicious: int) -> dict:
+    """Flower's Bulyan with its default selection rule, ``select_multikrum``: keep the n - 2f updates
+    with the lowest Krum scores, then per element average the n - 4f values closest to their median."""
     count = len(inputs)
-    _check_counts("Bulyan", count, num_malicious, to_keep)
-    if to_keep != 0:
-        raise ValueError(
-            "Bulyan with to_keep > 0 would make Krum return a MultiKrum average, which Flower's Bulyan cannot "
-            "find among the updates (it raises ValueError); use to_keep=0"
-        )
+    if num_malicious < 0:
+        raise ValueError(f"Bulyan needs num_malicious_nodes >= 0, got {num_malicious}")
     if count < 4 * num_malicious + 3:
         raise ValueError(
-            f"Bulyan needs at least 4 * num_malicious_clients + 3 = {4 * num_malicious + 3} updates, got {count}"
+            f"Bulyan needs at least 4 * num_malicious_nodes + 3 = {4 * num_malicious + 3} updates, got {count}"
         )
     theta = count - 2 * num_malicious
     beta = theta - 2 * num_malicious
     with UpdateSet([p for p, _w in inputs]) as updates:
-        selected = bulyan_select(squared_distances(updates), num_malicious)
+        selected = sorted(krum_select(squared_distances(updates), num_malicious, theta))
         chunks = _SortedChunks(updates, selected)
         size = chunks.size
         wide = np.empty((theta, size), dtype=np.float64)

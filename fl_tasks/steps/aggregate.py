@@ -7,13 +7,15 @@ HEAD; a retry recomputes the same keys.
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 from fl_tasks.aggregation import aggregate_files
 from fl_tasks.faults import crash_point
 from fl_tasks.guards import check_with_spec_guards
 from fl_tasks.privacy import add_gaussian_noise, clip_file, noise_stddev
-from fl_tasks.steps.common import StepEnv, log, missing_update_reason, now, scratch_dir, write_result
+from fl_tasks.records import AcceptedUpdate, Head, ObjectRef, Plan, Result, Verdict
+from fl_tasks.spec import Quorum
+from fl_tasks.steps.common import StepEnv, current_manifest, log, missing_update_reason, now, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch
 
 
@@ -21,80 +23,57 @@ class QuorumNotMet(RuntimeError):
     pass
 
 
-def required_silos(quorum: dict, n_silos: int) -> int:
-    by_count = int(quorum.get("min_silos", 1))
-    by_fraction = math.ceil(float(quorum.get("min_fraction", 0.0)) * n_silos)
-    return max(1, by_count, by_fraction)
+def required_silos(quorum: Quorum, n_silos: int) -> int:
+    """Fewest accepted updates a round of ``n_silos`` sampled silos may commit with."""
+    return quorum.required(n_silos)
 
 
 def run(env: StepEnv) -> None:
     plan = env.plan()
     r = env.round
-    head = env.store.get_json_or_none(env.keys.head)
-    if head and head["round"] >= r:
-        result = env.store.get_json(env.keys.result(r), head.get("result_sha256") if head["round"] == r else None)
-        log(f"round {r} is already committed (HEAD is round {head['round']}); nothing to do")
-        write_result({"round": r, "accepted": result["accepted"], "new_global": result["new_global"], "reused": True})
+    head = env.store.get_record_or_none(env.keys.head, Head)
+    if head and head.round >= r:
+        result = env.store.get_record(env.keys.result(r), Result, head.result_sha256 if head.round == r else None)
+        log(f"round {r} is already committed (HEAD is round {head.round}); nothing to do")
+        write_result({**_summary(result), "reused": True})
         return
 
-    accepted: dict[str, dict] = {}
+    accepted: dict[str, AcceptedUpdate] = {}
     rejected: dict[str, str] = {}
+    sampled = plan.sampled_silos
     with scratch_dir() as tmp:
-        global_path = env.fetch(plan["input_global"]["key"], plan["input_global"]["sha256"], tmp)
-        inputs = []
-        sampled = plan.get("sampled", [s["name"] for s in plan["silos"]])
+        global_path = env.fetch(plan.input_global, tmp)
+        inputs: list[tuple[Path, float]] = []
         for name in sampled:
-            manifest = env.store.get_json_or_none(env.keys.manifest(r, name))
-            if manifest is not None and manifest.get("dag_run_id") != plan["dag_run_id"]:
-                manifest = None  # left over from an earlier, uncommitted attempt at this round
-            verdict = env.store.get_json_or_none(env.keys.verdict(r, name))
-            if manifest is None:
-                rejected[name] = missing_update_reason(env, r, name)
+            update = _checked_update(env, plan, name, global_path, tmp)
+            if isinstance(update, str):
+                rejected[name] = update
                 continue
-            if verdict is not None and verdict.get("update_sha256") == manifest["sha256"] and not verdict["accepted"]:
-                rejected[name] = f"rejected by the silo's validation: {verdict.get('reason')}"
-                continue
-            try:
-                path = env.fetch(manifest["key"], manifest["sha256"], tmp)
-            except ChecksumMismatch as exc:
-                rejected[name] = str(exc)
-                continue
-            guard = check_with_spec_guards(path, global_path, manifest.get("num_examples"), plan.get("guards", {}))
-            if not guard.accepted:
-                rejected[name] = guard.reason
-                continue
-            dp = plan.get("differential_privacy")
-            if dp and dp["mode"] == "server":
-                clipped = tmp / f"{name}.clipped.safetensors"
-                factor = clip_file(path, global_path, clipped, guard.update_norm or 0.0, dp["clipping_norm"])
-                log(f"round {r}: silo {name} update norm {guard.update_norm:.4g} clipped by factor {factor:.4g}")
-                path = clipped
-            accepted[name] = {
-                "sha256": manifest["sha256"], "num_examples": manifest["num_examples"], "update_norm": guard.update_norm
-            }
-            inputs.append((path, manifest["num_examples"]))
+            path, record = update
+            accepted[name] = record
+            inputs.append((path, record.num_examples))
         for name, reason in rejected.items():
             log(f"round {r}: silo {name} rejected: {reason}")
 
-        need = required_silos(plan.get("quorum", {}), len(sampled))
+        need = required_silos(plan.quorum, len(sampled))
         if len(accepted) < need:
             message = (
                 f"round {r}: only {len(accepted)} accepted update(s) ({', '.join(accepted) or 'none'}), "
-                f"quorum needs {need}; HEAD stays at round {head['round'] if head else 0}"
+                f"quorum needs {need}; HEAD stays at round {head.round if head else 0}"
             )
-            env.store.put_json(env.keys.result(r), {
-                "job": env.args.job, "round": r, "dag_run_id": plan["dag_run_id"], "committed": False,
-                "reason": message, "accepted": accepted, "rejected": rejected, "input_global": plan["input_global"],
-            })
+            env.store.put_record(env.keys.result(r), Result(
+                job=env.args.job, round=r, dag_run_id=plan.dag_run_id, committed=False, reason=message,
+                accepted=accepted, rejected=rejected, input_global=plan.input_global,
+            ))
             raise QuorumNotMet(message)
-        strategy = plan["strategy"]
+        strategy = plan.strategy
         out = tmp / "new_global.safetensors"
         # server optimiser state (FedOpt family): the previous round's, via HEAD, checksum-verified
-        state_in_ref = (head or {}).get("server_state")
-        state_in = env.fetch(state_in_ref["key"], state_in_ref["sha256"], tmp) if state_in_ref else None
+        state_in_ref = head.server_state if head else None
+        state_in = env.fetch(state_in_ref, tmp) if state_in_ref else None
         state_out = tmp / "server_state.safetensors"
         info = aggregate_files(
-            strategy["name"], strategy.get("params", {}), inputs, out,
+            strategy.name, strategy.params, inputs, out,
             global_path=global_path, state_in=state_in, state_out=state_out,
         )
         if info.get("state_reset"):
@@ -102,48 +81,84 @@ def run(env: StepEnv) -> None:
         server_state = None
         if info["state_written"]:
             state_key = env.keys.server_state(r)
-            server_state = {"key": state_key, "sha256": env.store.put_file(state_key, state_out)}
-        dp = plan.get("differential_privacy")
+            server_state = ObjectRef(key=state_key, sha256=env.store.put_file(state_key, state_out))
+        dp = plan.differential_privacy
         if dp:
-            stddev = noise_stddev(dp["noise_multiplier"], dp["clipping_norm"], len(inputs))
+            stddev = noise_stddev(dp.noise_multiplier, dp.clipping_norm, len(inputs))
             add_gaussian_noise(out, stddev)
-            log(f"round {r}: differential privacy ({dp['mode']}-side clipping): Gaussian noise std {stddev:.4g}")
+            log(f"round {r}: differential privacy ({dp.mode}-side clipping): Gaussian noise std {stddev:.4g}")
         new_key = env.keys.global_model(r + 1)
-        new_sha = env.store.put_file(new_key, out)
+        new_global = ObjectRef(key=new_key, sha256=env.store.put_file(new_key, out))
 
-    result = {
-        "job": env.args.job,
-        "round": r,
-        "dag_run_id": plan["dag_run_id"],
-        "committed": True,
-        "sampled": sampled,
-        "strategy": strategy,
-        "differential_privacy": plan.get("differential_privacy"),
-        "accepted": accepted,
-        "rejected": rejected,
-        "input_global": plan["input_global"],
-        "new_global": {"key": new_key, "sha256": new_sha},
-        "server_state_in": state_in_ref,
-        "server_state": server_state,
-        "committed_at": now(),
-    }
-    result_sha = env.store.put_json(env.keys.result(r), result)
+    result = Result(
+        job=env.args.job,
+        round=r,
+        dag_run_id=plan.dag_run_id,
+        committed=True,
+        sampled=sampled,
+        strategy=strategy,
+        differential_privacy=plan.differential_privacy,
+        accepted=accepted,
+        rejected=rejected,
+        input_global=plan.input_global,
+        new_global=new_global,
+        server_state_in=state_in_ref,
+        server_state=server_state,
+        committed_at=now(),
+    )
+    result_sha = env.store.put_record(env.keys.result(r), result)
     crash_point("aggregate:before-head")
-    env.store.put_json(
+    env.store.put_record(
         env.keys.head,
-        {
-            "job": env.args.job,
-            "round": r,
-            "global_key": new_key,
-            "global_sha256": new_sha,
-            "result_key": env.keys.result(r),
-            "result_sha256": result_sha,
-            "server_state": server_state,
-            "dag_run_id": plan["dag_run_id"],
-        },
+        Head(
+            job=env.args.job,
+            round=r,
+            global_key=new_global.key,
+            global_sha256=new_global.sha256,
+            result_key=env.keys.result(r),
+            result_sha256=result_sha,
+            server_state=server_state,
+            dag_run_id=plan.dag_run_id,
+        ),
     )
     log(
-        f"round {r}: {strategy['name']} over {len(accepted)} update(s) "
-        f"({', '.join(accepted)}); committed global {new_sha[:12]}"
+        f"round {r}: {strategy.name} over {len(accepted)} update(s) "
+        f"({', '.join(accepted)}); committed global {new_global.sha256[:12]}"
     )
-    write_result({"round": r, "accepted": accepted, "rejected": rejected, "new_global": result["new_global"]})
+    write_result(_summary(result))
+
+
+def _checked_update(env: StepEnv, plan: Plan, name: str, global_path: Path,
+                    tmp: Path) -> tuple[Path, AcceptedUpdate] | str:
+    """The silo's update, verified and guarded (and clipped for server-side DP), or why it is rejected."""
+    manifest = current_manifest(env, plan, name)
+    if manifest is None:
+        return missing_update_reason(env, plan.round, name)
+    verdict = env.store.get_record_or_none(env.keys.verdict(plan.round, name), Verdict)
+    if verdict is not None and verdict.update_sha256 == manifest.sha256 and not verdict.accepted:
+        return f"rejected by the silo's validation: {verdict.reason}"
+    try:
+        path = env.fetch(manifest.ref, tmp)
+    except ChecksumMismatch as exc:
+        return str(exc)
+    guard = check_with_spec_guards(path, global_path, manifest.num_examples, plan.guards)
+    if not guard.accepted or manifest.num_examples is None:
+        return guard.reason
+    dp = plan.differential_privacy
+    if dp and dp.mode == "server":
+        clipped = tmp / f"{name}.clipped.safetensors"
+        factor = clip_file(path, global_path, clipped, guard.update_norm or 0.0, dp.clipping_norm)
+        log(f"round {plan.round}: silo {name} update norm {guard.update_norm:.4g} clipped by factor {factor:.4g}")
+        path = clipped
+    return path, AcceptedUpdate(sha256=manifest.sha256, num_examples=manifest.num_examples,
+                                update_norm=guard.update_norm)
+
+
+def _summary(result: Result) -> dict:
+    """The step's XCom: accepted/rejected silos and the new global."""
+    return {
+        "round": result.round,
+        "accepted": {n: a.model_dump() for n, a in result.accepted.items()},
+        "rejected": result.rejected,
+        "new_global": result.new_global.model_dump() if result.new_global else None,
+    }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_tasks.contract import RESULT_FILE_ENV
+from fl_tasks.records import Manifest, ObjectRef, Plan, PlanSilo, TrainStatus
 from fl_tasks.store import JobKeys, Store, open_store
 
 
@@ -49,8 +50,8 @@ class StepEnv:
             raise ValueError(f"step {self.args.step} needs --round")
         return self.args.round
 
-    def plan(self) -> dict:
-        plan = self.store.get_json_or_none(self.keys.plan(self.round))
+    def plan(self) -> Plan:
+        plan = self.store.get_record_or_none(self.keys.plan(self.round), Plan)
         if plan is None:
             raise RuntimeError(
                 f"no plan for round {self.round} at {self.store.describe(self.keys.plan(self.round))}; "
@@ -58,30 +59,35 @@ class StepEnv:
             )
         return plan
 
-    def require_sampled(self, plan: dict) -> None:
+    def require_sampled(self, plan: Plan) -> None:
         """Per-silo train/validate: a silo left out of this round's sample has nothing to do."""
-        if self.args.silo not in plan.get("sampled", [s["name"] for s in plan["silos"]]):
-            raise NotSampled(f"silo {self.args.silo} was not sampled for round {self.round} ({plan.get('sampling')})")
+        if self.args.silo not in plan.sampled_silos:
+            sampling = plan.sampling.model_dump() if plan.sampling else None
+            raise NotSampled(f"silo {self.args.silo} was not sampled for round {self.round} ({sampling})")
 
-    def silo_entry(self, plan: dict) -> dict:
-        for silo in plan["silos"]:
-            if silo["name"] == self.args.silo:
-                return silo
-        raise ValueError(f"silo {self.args.silo!r} is not part of round {self.round} of job {self.args.job}")
+    def silo_entry(self, plan: Plan) -> PlanSilo:
+        return plan.silo(self.args.silo)
 
-    def fetch(self, key: str, sha256: str, into: Path) -> Path:
-        """Download a verified copy of ``key`` (sha256 checked while streaming)."""
-        dest = into / key.replace("/", "__")
-        self.store.get_file(key, dest, sha256)
+    def fetch(self, ref: ObjectRef, into: Path) -> Path:
+        """Download a verified copy of ``ref`` (sha256 checked while streaming)."""
+        dest = into / ref.key.replace("/", "__")
+        self.store.get_file(ref.key, dest, ref.sha256)
         return dest
+
+
+def current_manifest(env: StepEnv, plan: Plan, silo: str) -> Manifest | None:
+    """The silo's manifest for this round, if its train step of this plan's DAG run wrote one (one
+    left over from an earlier, uncommitted attempt at the round does not count)."""
+    manifest = env.store.get_record_or_none(env.keys.manifest(plan.round, silo), Manifest)
+    return manifest if manifest is not None and manifest.dag_run_id == plan.dag_run_id else None
 
 
 def missing_update_reason(env: StepEnv, r: int, silo: str) -> str:
     """Why a silo has no update this round, from the status its train step recorded."""
-    status = env.store.get_json_or_none(env.keys.status(r, silo))
+    status = env.store.get_record_or_none(env.keys.status(r, silo), TrainStatus)
     if status is None:
         return "no update: train did not run or was killed before it could record why"
-    return f"no update: train {status['state'].replace('_', ' ')}: {status['reason']}"
+    return status.describe()
 
 
 @contextmanager

@@ -7,17 +7,21 @@ Writes ``registry.json`` with the round's summary (what `airfed run` prints).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fl_tasks import lineage, report
+from fl_tasks.paths import redact_uri
+from fl_tasks.records import Evaluation, Head, Manifest, Plan, RegistrySummary, Result, Verdict
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
 
 
-def weighted(records: list[dict], weight_key: str = "num_examples") -> dict[str, float]:
+def weighted(records: Sequence[Manifest | Evaluation]) -> dict[str, float]:
     """Example-weighted mean of every numeric metric the records share (Flower's convention)."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     for rec in records:
-        w = float(rec.get(weight_key) or rec["metrics"].get("num-examples", 0))
-        for key, value in rec["metrics"].items():
+        w = float(rec.num_examples or rec.metrics.get("num-examples", 0))
+        for key, value in rec.metrics.items():
             if key == "num-examples" or isinstance(value, bool):
                 continue
             totals[key] = totals.get(key, 0.0) + w * float(value)
@@ -25,14 +29,14 @@ def weighted(records: list[dict], weight_key: str = "num_examples") -> dict[str,
     return {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
 
 
-def _publish_plot(env: StepEnv, r: int, summary: dict) -> None:
+def _publish_plot(env: StepEnv, r: int, summary: RegistrySummary) -> None:
     """Convergence plot up to this round: to the store (``reports/``) and to the MLflow runs."""
     with scratch_dir() as tmp:
         path = report.convergence_plot(report.history(env.store, env.keys, r), env.args.job, tmp / "convergence.png")
         env.store.put_file(env.keys.convergence_plot, path)
         with lineage.reporting_failures(f"logging the convergence plot of round {r}"):
             c = lineage.client()
-            for run_id in (summary["mlflow_run_id"], summary["mlflow_parent_run_id"]):
+            for run_id in (summary.mlflow_run_id, summary.mlflow_parent_run_id):
                 c.log_artifact(run_id, str(path), artifact_path="plots")
 
 
@@ -40,26 +44,26 @@ class RoundNotCommitted(RuntimeError):
     pass
 
 
-def record_uncommitted(env: StepEnv, plan: dict, result: dict | None) -> None:
+def record_uncommitted(env: StepEnv, plan: Plan, result: Result | None) -> None:
     """A round that did not commit still gets an MLflow round run (status FAILED) saying why."""
     r, job = env.round, env.args.job
-    reason = (result or {}).get("reason") or "aggregate did not commit this round (see its task log)"
+    reason = (result.reason if result else None) or "aggregate did not commit this round (see its task log)"
     with lineage.reporting_failures(f"recording uncommitted round {r} of {job}"):
         _record_uncommitted(env, plan, result, reason)
     raise RoundNotCommitted(f"round {r} was not committed: {reason}")
 
 
-def _record_uncommitted(env: StepEnv, plan: dict, result: dict | None, reason: str) -> None:
+def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason: str) -> None:
     r, job = env.round, env.args.job
     c = lineage.client()
-    exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
-    parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
-    run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
-    rejected = (result or {}).get("rejected", {})
+    exp_id = lineage.ensure_experiment(c, plan.registry.experiment)
+    parent = lineage.ensure_parent_run(c, exp_id, job, plan.dag_run_id)
+    run = lineage.ensure_round_run(c, exp_id, job, plan.dag_run_id, r, parent.info.run_id)
+    rejected = result.rejected if result else {}
     tags = {f"rejected.{n}": why[:4000] for n, why in rejected.items()}
     tags["airfed.failure"] = reason[:4000]
-    metrics = {"accepted": len((result or {}).get("accepted", {})), "rejected": len(rejected), "committed": 0}
-    lineage.log_round(c, run.info.run_id, metrics, {"round": r, "spec_hash": plan["spec_hash"]}, tags, step=r)
+    metrics = {"accepted": len(result.accepted) if result else 0, "rejected": len(rejected), "committed": 0}
+    lineage.log_round(c, run.info.run_id, metrics, {"round": r, "spec_hash": plan.spec_hash}, tags, step=r)
     c.set_terminated(run.info.run_id, "FAILED")
     c.set_terminated(parent.info.run_id, "FAILED")
 
@@ -67,92 +71,95 @@ def _record_uncommitted(env: StepEnv, plan: dict, result: dict | None, reason: s
 def run(env: StepEnv) -> None:
     plan = env.plan()
     r, job = env.round, env.args.job
-    head = env.store.get_json_or_none(env.keys.head)
-    result = env.store.get_json_or_none(env.keys.result(r))
-    if head is None or head["round"] < r or result is None or not result.get("committed", True):
+    head = env.store.get_record_or_none(env.keys.head, Head)
+    result = env.store.get_record_or_none(env.keys.result(r), Result)
+    if head is None or head.round < r or result is None or not result.committed or result.new_global is None:
         record_uncommitted(env, plan, result)
-    manifests = {n: env.store.get_json(env.keys.manifest(r, n)) for n in result["accepted"]}
-    verdicts = {s["name"]: env.store.get_json_or_none(env.keys.verdict(r, s["name"])) for s in plan["silos"]}
+        return
+    new_global = result.new_global
+    manifests = {n: env.store.get_record(env.keys.manifest(r, n), Manifest) for n in result.accepted}
+    verdicts = {s.name: env.store.get_record_or_none(env.keys.verdict(r, s.name), Verdict) for s in plan.silos}
     evaluations = [
-        e for s in plan["silos"] if (e := env.store.get_json_or_none(env.keys.evaluation(r, s["name"])))
+        e for s in plan.silos if (e := env.store.get_record_or_none(env.keys.evaluation(r, s.name), Evaluation))
     ]
     train_metrics = weighted(list(manifests.values()))
     eval_metrics = weighted(evaluations)
-    promotion = plan.get("promotion") or {"metric": "accuracy", "direction": "maximize"}
-    if promotion["metric"] not in eval_metrics:
+    promotion = plan.promotion
+    if promotion.metric not in eval_metrics:
         raise RuntimeError(
-            f"promotion metric {promotion['metric']!r} is not among the federated evaluation metrics "
+            f"promotion metric {promotion.metric!r} is not among the federated evaluation metrics "
             f"{sorted(eval_metrics)}; set promotion.metric in the spec to one the ClientApp reports"
         )
-    value = eval_metrics[promotion["metric"]]
+    value = eval_metrics[promotion.metric]
 
     with lineage.reporting_failures(f"registering round {r} of {job}"):
         c = lineage.client()
-        exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
-        parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
-        round_run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
+        exp_id = lineage.ensure_experiment(c, plan.registry.experiment)
+        parent = lineage.ensure_parent_run(c, exp_id, job, plan.dag_run_id)
+        round_run = lineage.ensure_round_run(c, exp_id, job, plan.dag_run_id, r, parent.info.run_id)
         run_id = round_run.info.run_id
 
         metrics = {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_metrics.items()}
         metrics.update(eval_metrics)
-        metrics.update(accepted=len(result["accepted"]), rejected=len(result["rejected"]), committed=1)
+        metrics.update(accepted=len(result.accepted), rejected=len(result.rejected), committed=1)
         for name, man in manifests.items():
-            metrics[f"{name}.num_examples"] = man["num_examples"]
-            metrics.update({f"{name}.{k}": v for k, v in man["metrics"].items() if k != "num-examples"})
+            if man.num_examples is not None:
+                metrics[f"{name}.num_examples"] = man.num_examples
+            metrics.update({f"{name}.{k}": v for k, v in man.metrics.items() if k != "num-examples"})
         for name, verdict in verdicts.items():
             if verdict:
-                metrics.update({f"{name}.update_{k}": v for k, v in verdict["metrics"].items() if k != "num-examples"})
+                metrics.update({f"{name}.update_{k}": v for k, v in verdict.metrics.items() if k != "num-examples"})
         for ev in evaluations:
-            metrics.update({f"{ev['silo']}.eval_{k}": v for k, v in ev["metrics"].items() if k != "num-examples"})
+            metrics.update({f"{ev.silo}.eval_{k}": v for k, v in ev.metrics.items() if k != "num-examples"})
         store_url = env.store.url
         params = {
             "round": r,
-            "strategy": plan["strategy"]["name"],
-            "strategy_params": plan["strategy"].get("params", {}),
-            "training": plan["training"],
-            "differential_privacy": plan.get("differential_privacy"),
-            "quorum": plan.get("quorum", {}),
-            "spec_hash": plan["spec_hash"],
-            "silos": ",".join(s["name"] for s in plan["silos"]),
+            "strategy": plan.strategy.name,
+            "strategy_params": plan.strategy.params,
+            "training": plan.training,
+            "differential_privacy": plan.differential_privacy.model_dump() if plan.differential_privacy else None,
+            "quorum": plan.quorum.model_dump(),
+            "spec_hash": plan.spec_hash,
+            "silos": ",".join(s.name for s in plan.silos),
             "store_url": store_url,
-            "input_global_key": plan["input_global"]["key"],
-            "input_global_sha256": plan["input_global"]["sha256"],
-            "new_global_key": result["new_global"]["key"],
-            "new_global_sha256": result["new_global"]["sha256"],
+            "input_global_key": plan.input_global.key,
+            "input_global_sha256": plan.input_global.sha256,
+            "new_global_key": new_global.key,
+            "new_global_sha256": new_global.sha256,
         }
-        tags = {f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()}
-        tags.update({f"update_key.{n}": m["key"] for n, m in manifests.items()})
-        tags.update({f"rejected.{n}": reason[:4000] for n, reason in result["rejected"].items()})
+        tags = {f"update_sha256.{n}": m.sha256 for n, m in manifests.items()}
+        tags.update({f"update_key.{n}": m.key for n, m in manifests.items()})
+        tags.update({f"rejected.{n}": reason[:4000] for n, reason in result.rejected.items()})
         tags.update({"plan_key": env.keys.plan(r), "result_key": env.keys.result(r)})
         lineage.log_round(c, run_id, metrics, params, tags, step=r)
         lineage.log_round(c, parent.info.run_id, {k: metrics[k] for k in (*eval_metrics, "accepted", "rejected")},
-                          {}, {"airfed.spec_hash": plan["spec_hash"]}, step=r)
+                          {}, {"airfed.spec_hash": plan.spec_hash}, step=r)
 
-        model_name = plan["registry"]["model_name"]
+        model_name = plan.registry.model_name
         lineage.ensure_registered_model(c, model_name, job)
-        version = lineage.find_version(c, model_name, job, r, plan["dag_run_id"])
+        version = lineage.find_version(c, model_name, job, r, plan.dag_run_id)
         if version is None:
             with scratch_dir() as tmp:
-                model_file = env.fetch(result["new_global"]["key"], result["new_global"]["sha256"], tmp)
+                model_file = env.fetch(new_global, tmp)
                 target = model_file.with_name("global.safetensors")
                 model_file.rename(target)
                 version = lineage.register_version(
                     c, model_name, run_id, target,
                     tags={
-                        "job": job, "round": str(r), "dag_run_id": plan["dag_run_id"], "spec_hash": plan["spec_hash"],
-                        "global_sha256": result["new_global"]["sha256"], "store_key": result["new_global"]["key"],
-                        "store_url": store_url, "promotion_metric": promotion["metric"],
+                        "job": job, "round": str(r), "dag_run_id": plan.dag_run_id, "spec_hash": plan.spec_hash,
+                        "global_sha256": new_global.sha256, "store_key": new_global.key,
+                        "store_url": store_url, "promotion_metric": promotion.metric,
                         "promotion_value": repr(value),
-                        **{f"update_sha256.{n}": m["sha256"] for n, m in manifests.items()},
+                        **{f"update_sha256.{n}": m.sha256 for n, m in manifests.items()},
                     },
-                    description=f"{job} round {r}: {plan['strategy']['name']} over {', '.join(manifests)}",
+                    description=f"{job} round {r}: {plan.strategy.name} over {', '.join(manifests)}",
                 )
         current = lineage.champion(c, model_name)
         current_value = None
         if current is not None and current.version != version.version:
             current_value = float(current.tags.get("promotion_value", "nan"))
         promoted = current is None or current.version == version.version or lineage.is_better(
-            value, current_value, promotion["direction"]
+            value, current_value, promotion.direction
         )
         if promoted:
             c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
@@ -160,31 +167,31 @@ def run(env: StepEnv) -> None:
         c.set_terminated(run_id, "FINISHED")
         c.set_terminated(parent.info.run_id, "FINISHED")
 
-    summary = {
-        "job": job,
-        "round": r,
-        "dag_run_id": plan["dag_run_id"],
-        "accepted": sorted(result["accepted"]),
-        "rejected": result["rejected"],
-        "train_loss": train_metrics.get("train_loss"),
-        "metrics": eval_metrics,
-        "promotion_metric": promotion["metric"],
-        "promotion_value": value,
-        "registry_model": model_name,
-        "registry_version": int(version.version),
-        "champion_version": champion_version,
-        "promoted": promoted and (current is None or current.version != version.version),
-        "mlflow_experiment_id": exp_id,
-        "mlflow_run_id": run_id,
-        "mlflow_parent_run_id": parent.info.run_id,
-        "tracking_uri": lineage.tracking_uri(),
-        "started_at": plan["created_at"],
-        "finished_at": now(),
-    }
-    env.store.put_json(env.keys.registry(r), summary)
+    summary = RegistrySummary(
+        job=job,
+        round=r,
+        dag_run_id=plan.dag_run_id,
+        accepted=sorted(result.accepted),
+        rejected=result.rejected,
+        train_loss=train_metrics.get("train_loss"),
+        metrics=eval_metrics,
+        promotion_metric=promotion.metric,
+        promotion_value=value,
+        registry_model=model_name,
+        registry_version=int(version.version),
+        champion_version=champion_version,
+        promoted=promoted and (current is None or current.version != version.version),
+        mlflow_experiment_id=exp_id,
+        mlflow_run_id=run_id,
+        mlflow_parent_run_id=parent.info.run_id,
+        tracking_uri=redact_uri(lineage.tracking_uri()),
+        started_at=plan.created_at,
+        finished_at=now(),
+    )
+    env.store.put_record(env.keys.registry(r), summary)
     _publish_plot(env, r, summary)
     log(
-        f"round {r}: registered {model_name} v{version.version} ({promotion['metric']}={value:.4f}); "
+        f"round {r}: registered {model_name} v{version.version} ({promotion.metric}={value:.4f}); "
         f"champion is v{champion_version}"
     )
-    write_result(summary)
+    write_result(summary.model_dump(mode="json", exclude={"schema_version"}))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from urllib.parse import urlparse
 
+from fl_tasks.paths import airfed_home
+from fl_tasks.records import RecordError
 from fl_tasks.store.base import (
     ChecksumMismatch,
     JobKeys,
@@ -20,6 +21,7 @@ __all__ = [
     "ChecksumMismatch",
     "JobKeys",
     "ObjectMissing",
+    "RecordError",
     "Store",
     "StoreError",
     "airfed_home",
@@ -28,10 +30,6 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
 ]
-
-
-def airfed_home() -> Path:
-    return Path(os.environ.get("AIRFED_HOME", "~/.airfed")).expanduser().resolve()
 
 
 def default_store_url() -> str:

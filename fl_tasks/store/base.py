@@ -1,6 +1,6 @@
 """The store interface: keys, checksums and the commit rule shared by every backend.
 
-Layout (DESIGN.md)::
+Layout::
 
     <prefix>/<job>/HEAD.json
     <prefix>/<job>/rounds/<r>/plan.json
@@ -18,7 +18,13 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from fl_tasks import records
+
+R = TypeVar("R", bound=BaseModel)
 
 CHUNK = 8 * 1024 * 1024
 
@@ -163,5 +169,28 @@ class Store(ABC):
     def get_json_or_none(self, key: str) -> Any:
         try:
             return self.get_json(key)
+        except ObjectMissing:
+            return None
+
+    # -- typed records (fl_tasks.records): how the steps read and write every JSON object ------
+    def put_record(self, key: str, record: BaseModel) -> str:
+        """Write a record as canonical JSON; return its sha256 (what references to it record)."""
+        return self.put_bytes(key, records.dump(record))
+
+    def get_record(self, key: str, model: type[R], sha256: str | None = None) -> R:
+        """Read ``key`` as ``model``, checking ``sha256`` when given.
+
+        Raises :class:`ObjectMissing`, :class:`ChecksumMismatch`, or :class:`RecordError` naming
+        the object and the field that does not match the schema."""
+        data = self.get_bytes(key)
+        if sha256 is not None:
+            actual = sha256_bytes(data)
+            if actual != sha256:
+                raise ChecksumMismatch(self.describe(key), sha256, actual)
+        return records.parse(model, data, self.describe(key))
+
+    def get_record_or_none(self, key: str, model: type[R]) -> R | None:
+        try:
+            return self.get_record(key, model)
         except ObjectMissing:
             return None

@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -121,6 +122,13 @@ class _Download:
     etag: str | None = None
     size: int | None = None
     recorded: str | None = None  # x-amz-meta-sha256 of the object
+
+
+def _status_of(exc: InvalidResponseError) -> int:
+    """The HTTP status of a non-S3 response. minio keeps it only in a private attribute, so it is read
+    from the public message ("...; Response code: 503, ..."); 0 (permanent) if that ever changes."""
+    match = re.search(r"Response code: (\d+)", str(exc))
+    return int(match.group(1)) if match else 0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -275,7 +283,7 @@ class S3Store(Store):
             status = exc.status_code
             return ("transient" if status >= 500 or status == 429 else "permanent"), f"HTTP {status}"
         if isinstance(exc, InvalidResponseError):
-            status = getattr(exc, "_code", 0) or 0
+            status = _status_of(exc)
             reason = f"HTTP {status} with a non-S3 response (proxy or wrong AWS_ENDPOINT_URL?)"
             return ("transient" if status >= 500 or status == 429 else "permanent"), reason
         if isinstance(exc, SSLError) or (isinstance(exc, MaxRetryError) and isinstance(exc.reason, SSLError)):

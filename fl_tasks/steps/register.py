@@ -36,6 +36,11 @@ def _publish_plot(env: StepEnv, r: int, summary: dict) -> None:
                 c.log_artifact(run_id, str(path), artifact_path="plots")
 
 
+def parent_run_key(plan: dict) -> str:
+    """The MLflow parent run of a round: one per chain of rounds (plans before chains: per DAG run)."""
+    return plan.get("chain_id") or plan["dag_run_id"]
+
+
 class RoundNotCommitted(RuntimeError):
     pass
 
@@ -53,7 +58,7 @@ def _record_uncommitted(env: StepEnv, plan: dict, result: dict | None, reason: s
     r, job = env.round, env.args.job
     c = lineage.client()
     exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
-    parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
+    parent = lineage.ensure_parent_run(c, exp_id, job, parent_run_key(plan))
     run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
     rejected = (result or {}).get("rejected", {})
     tags = {f"rejected.{n}": why[:4000] for n, why in rejected.items()}
@@ -89,7 +94,7 @@ def run(env: StepEnv) -> None:
     with lineage.reporting_failures(f"registering round {r} of {job}"):
         c = lineage.client()
         exp_id = lineage.ensure_experiment(c, plan["registry"]["experiment"])
-        parent = lineage.ensure_parent_run(c, exp_id, job, plan["dag_run_id"])
+        parent = lineage.ensure_parent_run(c, exp_id, job, parent_run_key(plan))
         round_run = lineage.ensure_round_run(c, exp_id, job, plan["dag_run_id"], r, parent.info.run_id)
         run_id = round_run.info.run_id
 

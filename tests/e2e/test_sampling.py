@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from test_faults import airfed_run, make_spec, store_json
+from helpers import make_fault_spec, store_json
+from helpers import run_fault_spec as airfed_run
 
 from fl_tasks.steps.distribute import sample_silos
 
@@ -19,7 +20,7 @@ def test_sample_is_seeded_recorded_and_at_least_the_quorum():
 
 def test_unsampled_silos_skip_training_and_the_round_commits(tmp_path):
     home = tmp_path / "home"
-    spec = make_spec(
+    spec = make_fault_spec(
         tmp_path, "sampled", {"a": "", "b": "", "c": "", "d": ""},
         strategy={"name": "FedAvg", "fraction_train": 0.5, "sample_seed": 3},
     )

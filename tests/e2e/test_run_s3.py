@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from minio import Minio
 
-REPO = Path(__file__).resolve().parents[1]
 BUCKET, PREFIX = "airfed", "test"
 
 

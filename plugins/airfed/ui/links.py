@@ -2,10 +2,10 @@
 
 Airflow 3 computes an operator's extra links in the task process when the task finishes
 (``get_link(operator, ti_key=...)``) and stores each URL as an XCom (``_link_<class name>``); the UI
-reads that XCom back. The links resolve from the round's ``register`` result (its return-value XCom:
-experiment id, run id, model name and version), or, for the register task itself, from the round's
-``registry.json`` in the store when the XCom is missing. A task that finishes before its round is
-registered has no link (empty string), which the UI does not show.
+reads that XCom back. A DAG run is one round: the links resolve from the run's ``register`` result
+(its return-value XCom: experiment id, run id, model name and version), or, for the register task
+itself, from the round's ``registry.json`` in the store when the XCom is missing. A task that
+finishes before its round is registered has no link (empty string), which the UI does not show.
 
 The MLflow UI base URL is ``MLFLOW_UI_URL`` (``airfed up`` sets it to the server it starts), else the
 tracking URI when that is an http(s) server, else ``http://localhost:5000``.
@@ -21,8 +21,6 @@ from airflow.sdk import BaseOperatorLink
 
 MLFLOW_UI_URL_ENV = "MLFLOW_UI_URL"
 DEFAULT_MLFLOW_UI_URL = "http://localhost:5000"
-REGISTER_STEP = "register"
-DISTRIBUTE_STEP = "distribute"
 
 
 def mlflow_ui_url(tracking_uri: str | None = None) -> str:
@@ -55,28 +53,25 @@ def model_url(model_name: str, base: str | None = None) -> str:
     return f"{base or mlflow_ui_url()}/#/models/{quote(model_name, safe='')}"
 
 
-def _sibling(task_id: str, step: str) -> str:
-    """``round_3.train`` → ``round_3.<step>`` (the same round slot's task for ``step``)."""
-    group, _, _ = task_id.rpartition(".")
-    return f"{group}.{step}" if group else step
-
-
-def _xcom(ti_key: Any, task_id: str) -> Any:
+def step_result(ti_key: Any, step: str) -> Any:
+    """The return-value XCom of ``step`` in the DAG run of ``ti_key``."""
     from airflow.sdk.execution_time.xcom import XCom  # the configured XCom backend
 
+    from airfed.dag.builder import task_id
+
     return XCom.get_one(
-        key="return_value", dag_id=ti_key.dag_id, task_id=task_id, run_id=ti_key.run_id, map_index=-1
+        key="return_value", dag_id=ti_key.dag_id, task_id=task_id(step), run_id=ti_key.run_id, map_index=-1
     )
 
 
 def round_summary(operator: Any, ti_key: Any) -> dict | None:
-    """The register result of the task's round in this DAG run, or None while there is none."""
-    summary = _xcom(ti_key, _sibling(ti_key.task_id, REGISTER_STEP))
+    """The register result of the round (this DAG run), or None while there is none."""
+    summary = step_result(ti_key, "register")
     if isinstance(summary, dict) and summary.get("mlflow_run_id"):
         return summary
-    if getattr(operator, "step", None) != REGISTER_STEP and not ti_key.task_id.endswith(f".{REGISTER_STEP}"):
+    if getattr(operator, "step", None) != "register":
         return None
-    plan = _xcom(ti_key, _sibling(ti_key.task_id, DISTRIBUTE_STEP))
+    plan = step_result(ti_key, "distribute")
     if not isinstance(plan, dict) or "round" not in plan:
         return None
     from fl_tasks.store import JobKeys, open_store

@@ -1,31 +1,23 @@
 """End to end: ``airfed run dags/digits.yaml`` through Airflow's dag.test(), real torch, real MLflow.
 
 One fresh AIRFED_HOME: a first run of 5 rounds, then a second run of 2 that must continue at round 6.
+Each round is one DAG run (``dag.test()``); the rounds of one invocation share one MLflow parent run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import EXAMPLE_SPEC, REPO, airfed_cli, airflow_runs, json_summary
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def airfed_run(home: Path, *args: str, env_extra: dict | None = None) -> tuple[dict, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
-    env.update({"AIRFED_HOME": str(home), **(env_extra or {})})
-    proc = subprocess.run(
-        [sys.executable, "-m", "airfed.cli", "run", str(REPO / "dags" / "digits.yaml"), "--json", *args],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=1200,
-    )
+def airfed_run(home: Path, *args: str) -> tuple[dict, str]:
+    proc = airfed_cli(home, "run", str(EXAMPLE_SPEC), "--json", *args)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+    return json_summary(proc), proc.stdout
 
 
 def referenced_objects(store_root: Path):
@@ -64,6 +56,9 @@ def test_first_run_trains_five_rounds_and_converges(runs):
     assert accuracies[-1] > accuracies[0]
     assert all(sorted(r["accepted"]) == ["asia", "eu", "us"] for r in first["rounds"])
     assert first["head_round"] == 5 and first["registry_version"] == 5
+    # one DAG run per round, the first run's id names the chain
+    assert len(set(first["dag_run_ids"])) == 5 and first["dag_run_id"] == first["dag_run_ids"][0]
+    assert [r["dag_run_id"] for r in first["rounds"]] == first["dag_run_ids"]
     # one progress line per round, then where to look
     progress = [line for line in out.splitlines() if line.startswith("round ")]
     assert len(progress) == 5 and "val accuracy" in progress[0]
@@ -76,6 +71,17 @@ def test_second_run_continues_from_head(runs):
     assert second["head_round"] == 7
     assert second["rounds"][0]["metrics"]["accuracy"] >= first["rounds"][-1]["metrics"]["accuracy"] - 0.05
     assert second["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+def test_every_dag_run_is_one_finished_round_and_none_is_left_queued(runs):
+    home, first, _, second, _ = runs
+    dag_runs = airflow_runs(home, "digits")
+    assert [r[0] for r in dag_runs] == first["dag_run_ids"] + second["dag_run_ids"]
+    assert {r[2] for r in dag_runs} == {"success"}  # nothing queued or running: next_round skipped (rounds=1)
+    plans = [json.loads((home / "store" / "digits" / "rounds" / str(r) / "plan.json").read_text()) for r in range(1, 8)]
+    assert [p["dag_run_id"] for p in plans] == first["dag_run_ids"] + second["dag_run_ids"]
+    assert {p["chain_id"] for p in plans[:5]} == {first["dag_run_id"]}
+    assert {p["chain_id"] for p in plans[5:]} == {second["dag_run_id"]}
 
 
 def test_every_recorded_sha256_matches_its_object(runs):
@@ -116,7 +122,7 @@ def test_mlflow_lineage_and_registry(runs):
     v5 = next(v for v in versions if str(v.version) == "5")
     for tag in ("job", "round", "dag_run_id", "spec_hash", "global_sha256", "update_sha256.us"):
         assert v5.tags.get(tag), tag
-    assert v5.tags["round"] == "5" and v5.tags["dag_run_id"] == first["dag_run_id"]
+    assert v5.tags["round"] == "5" and v5.tags["dag_run_id"] == first["rounds"][4]["dag_run_id"]
     champion = client.get_model_version_by_alias("digits-mlp", "champion")
     assert int(champion.version) == second["champion_version"]
     best = max(versions, key=lambda v: float(v.tags["promotion_value"]))
@@ -133,7 +139,7 @@ def test_asset_consumer_dag_predicts_with_the_champion(runs, airflow_db, monkeyp
     bag = DagBag(dag_folder=str(REPO / "dags"))
     digits = bag.dags["digits"]
     consumer = bag.dags["digits_batch_predict"]
-    (outlet,) = digits.get_task("round_1.register").outlets
+    (outlet,) = digits.get_task("register").outlets
     assert outlet.uri == "airfed://digits/digits-mlp"
     assert outlet in consumer.timetable.asset_condition.objects  # scheduled on exactly that Asset
     dag_run = consumer.test()

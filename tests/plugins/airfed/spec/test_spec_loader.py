@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from airfed.cli import main as airfed_main
-from airfed.spec_loader import SpecError, load_spec
-
-REPO = Path(__file__).resolve().parents[1]
+from airfed.spec import SpecError, load_spec
+from helpers import REPO
 
 GOOD = textwrap.dedent(
     """\

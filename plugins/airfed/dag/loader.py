@@ -14,8 +14,8 @@ from typing import Any
 
 from airflow.sdk import DAG
 
-from airfed.builder import START_DATE, build_dag
-from airfed.spec_loader import Problem, SpecError, find_specs, load_spec
+from airfed.dag.builder import START_DATE, build_dag
+from airfed.spec import Problem, SpecError, find_specs, load_spec
 
 #: env override: os.pathsep-separated spec files to load instead of the folder's (``airfed run``).
 SPECS_ENV = "AIRFED_SPECS"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 
 helm = pytest.importorskip("helm_python")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "airfed"
 MULTI_SILO = CHART / "ci" / "multi-silo-values.yaml"
 AIRFLOW_VALUES = REPO / "helm" / "airflow-values.yaml"
@@ -346,7 +346,7 @@ def test_configmap_volume_layout_is_walkable_by_airflow(multi_render, tmp_path):
     assert found == [str(tmp_path / "airfed_dags.py")]
 
     # The loader reads specs next to itself (non-recursively): it sees the top-level links.
-    from airfed.spec_loader import find_specs
+    from airfed.spec import find_specs
 
     assert [p.name for p in find_specs(tmp_path)] == sorted(multi_render.get(
         "ConfigMap", "airfed-dags", "airflow")["data"].keys() - {".airflowignore", "airfed_dags.py"})
@@ -358,7 +358,7 @@ def test_configmap_volume_layout_is_walkable_by_airflow(multi_render, tmp_path):
 
 def test_example_job_spec_matches_what_the_chart_creates(multi_render, multi_values):
     """The CI job spec is valid for airfed and each placement names objects this release provides."""
-    from airfed.spec_loader import parse_spec_text
+    from airfed.spec import parse_spec_text
 
     for file, text in multi_values["jobs"].items():
         spec = parse_spec_text(text, file)

@@ -1,6 +1,7 @@
 """Fault injection through real DAG runs (``airfed run`` → Airflow's dag.test()).
 
-Misbehaving silos come from tests/fixtures/airfed_faults.py, selected per silo by node_config.
+Misbehaving silos come from tests/fixtures/airfed_faults.py, selected per silo by node_config
+(specs from ``helpers.make_fault_spec``).
 """
 
 from __future__ import annotations
@@ -9,70 +10,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-
-
-def make_spec(tmp_path: Path, name: str, silos: dict[str, str], **overrides) -> Path:
-    spec = {
-        "job": "faulty",
-        "client_app": "airfed_faults:app",
-        "model": {"init": "examples.digits.model:initial_state"},
-        "quorum": {"min_silos": 2},
-        "guards": {"max_update_norm": 100.0},
-        "training": {"local-epochs": 1, "lr": 0.05, "batch-size": 32},
-        "execution": {"silo_timeout_seconds": 20, "retries": 0},
-        "data": {"prepare": "examples.digits.data:prepare", "options": {"partition": "iid", "seed": 1}},
-        "silos": [
-            {
-                "name": silo,
-                "data": f"${{AIRFED_HOME}}/data/faulty/{silo}.npz",
-                "node_config": {"fault": fault, "tamper-key": f"faulty/rounds/{{round}}/updates/{silo}.safetensors"},
-            }
-            for silo, fault in silos.items()
-        ],
-        **overrides,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return path
-
-
-def airfed_run(home: Path, spec: Path, *args: str, extra_env: dict | None = None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
-    env.update({"AIRFED_HOME": str(home), "PYTHONPATH": str(FIXTURES), **(extra_env or {})})
-    proc = subprocess.run(
-        [sys.executable, "-m", "airfed.cli", "run", str(spec), "--json", "--rounds", "1", *args],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
-    )
-    try:
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        summary = None
-    return proc, summary
-
-
-def store_json(home: Path, key: str):
-    path = home / "store" / key
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def mlflow_round_runs(home: Path):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("airfed/faulty")
-    return client, client.search_runs([exp.experiment_id], filter_string="tags.`airfed.kind` = 'round'")
+from helpers import FIXTURES, REPO, make_fault_spec, mlflow_round_runs, store_json
+from helpers import run_fault_spec as airfed_run
 
 
 def test_every_bad_update_is_rejected_with_its_reason(tmp_path):
     home = tmp_path / "home"
-    spec = make_spec(tmp_path, "faults", {
+    spec = make_fault_spec(tmp_path, "faults", {
         "ok1": "", "ok2": "", "raise": "raise", "hang": "hang", "nan": "nan",
         "shape": "shape", "norm": "norm", "tamper": "tamper", "examples": "examples",
     })
@@ -100,9 +46,9 @@ def test_every_bad_update_is_rejected_with_its_reason(tmp_path):
 
 def test_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
     home = tmp_path / "home"
-    good = make_spec(tmp_path, "good", {"a": "", "b": "", "c": ""})
-    bad = make_spec(tmp_path, "bad", {"a": "", "b": "raise", "c": "raise"})
-    one_down = make_spec(tmp_path, "one-down", {"a": "", "b": "", "c": "raise"})
+    good = make_fault_spec(tmp_path, "good", {"a": "", "b": "", "c": ""})
+    bad = make_fault_spec(tmp_path, "bad", {"a": "", "b": "raise", "c": "raise"})
+    one_down = make_fault_spec(tmp_path, "one-down", {"a": "", "b": "", "c": "raise"})
 
     proc, first = airfed_run(home, good)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -132,7 +78,7 @@ def test_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
 
 def test_aggregator_killed_before_commit_leaves_head_and_rerun_is_identical(tmp_path):
     home = tmp_path / "home"
-    spec = make_spec(tmp_path, "crash", {"a": "", "b": ""})
+    spec = make_fault_spec(tmp_path, "crash", {"a": "", "b": ""})
     proc, crashed = airfed_run(home, spec, extra_env={"AIRFED_FAULT_INJECT": "aggregate:before-head"})
     assert proc.returncode == 1
     assert store_json(home, "faulty/HEAD.json") is None
@@ -163,7 +109,7 @@ def test_aggregator_killed_before_commit_leaves_head_and_rerun_is_identical(tmp_
 def test_differential_privacy_is_applied_and_recorded(tmp_path, mode):
     home = tmp_path / "home"
     dp = {"mode": mode, "noise_multiplier": 0.01, "clipping_norm": 0.5}
-    spec = make_spec(tmp_path, f"dp-{mode}", {"a": "", "b": ""}, differential_privacy=dp)
+    spec = make_fault_spec(tmp_path, f"dp-{mode}", {"a": "", "b": ""}, differential_privacy=dp)
     proc, summary = airfed_run(home, spec)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = store_json(home, "faulty/rounds/1/result.json")

@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_AIRFLOW_PORT = 8080
@@ -126,7 +126,8 @@ def redact(uri: str) -> str:
     parts = urlsplit(uri)
     if parts.password is None:
         return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -174,8 +175,7 @@ def airflow_login(airflow_home: Path) -> tuple[str, str | None]:
     return (", ".join(pairs) or f"see {path}"), path
 
 
-
-def report_exited(children: list, when: str, out) -> bool:
+def report_exited(children: list[Child], when: str, out: TextIO) -> bool:
     """Print the log tail of every child server that has exited; True if any has."""
     dead = [c for c in children if not c.running()]
     for child in dead:
@@ -183,10 +183,11 @@ def report_exited(children: list, when: str, out) -> bool:
               f"last lines of {child.log}:\n{child.tail()}", file=out, flush=True)
     return bool(dead)
 
+
 def prepare_all_data(dags: Path, out: TextIO) -> list[str]:
     """Create missing silo data (``data.prepare``) for every valid spec; return the job names."""
-    from airfed.run import _prepare_data
-    from airfed.spec_loader import SpecError, find_specs, load_spec
+    from airfed.environment import DataPreparationFailed, prepare_silo_data
+    from airfed.spec import SpecError, find_specs, load_spec
     from fl_tasks.paths import expand_path
 
     jobs = []
@@ -204,8 +205,8 @@ def prepare_all_data(dags: Path, out: TextIO) -> list[str]:
             continue
         print(f"airfed: preparing silo data for {spec.job} ({', '.join(missing)})", file=out, flush=True)
         try:
-            _prepare_data(spec, out)
-        except SystemExit as exc:
+            prepare_silo_data(spec, out)
+        except DataPreparationFailed as exc:
             print(f"airfed: warning: {exc}", file=out, flush=True)
     return jobs
 
@@ -223,8 +224,7 @@ def up(
     if not dags_folder.is_dir():
         print(f"airfed: no DAGs folder at {dags_folder}; run from the project root or pass --dags DIR", file=out)
         return 2
-    for var in ("AIRFED_SPECS", "AIRFED_UNROLL_ROUNDS"):  # `airfed run` settings: never narrow the loader here
-        os.environ.pop(var, None)
+    os.environ.pop("AIRFED_SPECS", None)  # an `airfed run` setting: never narrow the loader here
 
     from airfed.environment import configure
 
@@ -237,7 +237,7 @@ def up(
     if local_mlflow:
         mlflow_url = f"http://localhost:{mlflow_port}"
     else:
-        from airfed.links import mlflow_ui_url
+        from airfed.ui.links import mlflow_ui_url
 
         mlflow_url = mlflow_ui_url(tracking_uri)
     os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -287,11 +287,11 @@ def up(
         for child in children:
             child.start(dict(os.environ), cwd)
         # Migrate before standalone starts (its own initdb is then a no-op), output to the log.
+        from airfed.cli.terminal import output_to_log
         from airfed.environment import migrate_airflow_db
-        from airfed.run import _airflow_output_to
 
         print("airfed: migrating Airflow's metadata DB ...", file=out, flush=True)
-        with _airflow_output_to(airflow.log):
+        with output_to_log(airflow.log):
             migrate_airflow_db()
         if stop.is_set():
             return 0
@@ -350,11 +350,11 @@ def up(
         print("airfed: stopped", file=out, flush=True)
 
 
-def _cmd_up(ns: argparse.Namespace) -> int:
+def up_command(ns: argparse.Namespace) -> int:
     return up(ns.dags, ns.airflow_port, ns.mlflow_port, ns.host, ns.startup_timeout, ns.stop_timeout)
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
+def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "up", help="Airflow (standalone) and the MLflow UI on the embedded default; prints URLs and login",
         description="Start Airflow standalone (UI, scheduler, DAG processor, triggerer) with every job spec in the "
@@ -367,4 +367,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for both to answer")
     parser.add_argument("--stop-timeout", type=float, default=30.0,
                         help="seconds to wait after SIGTERM before killing the servers")
-    parser.set_defaults(func=_cmd_up)
+    parser.set_defaults(func=up_command)

@@ -29,8 +29,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCREENSHOTS = REPO / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 STARTUP_TIMEOUT = 600
@@ -172,9 +172,30 @@ def token(up) -> str:
     return up.token
 
 
+def wait_for_run(up, token, run_id: str, timeout: float) -> dict:
+    """Poll DAG run ``run_id`` of digits until it exists and finished; fail naming unsuccessful tasks."""
+    quoted = urllib.parse.quote(run_id, safe="")
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body, _ = request("GET", f"{up.airflow}/api/v2/dags/digits/dagRuns/{quoted}", token=token)
+        run = json.loads(body) if status == 200 else {"state": f"absent ({status})"}
+        if run["state"] in ("success", "failed"):
+            break
+        assert time.monotonic() < deadline, f"run {run_id} still {run['state']} after {timeout}s"
+        time.sleep(5)
+    if run["state"] != "success":
+        tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{quoted}/taskInstances?limit=200", token)
+        failed = [(t["task_id"], t["map_index"], t["state"]) for t in tis["task_instances"]
+                  if t["state"] not in ("success", "skipped")]
+        pytest.fail(f"run {run_id} {run['state']}; tasks not successful: {failed}")
+    return {"run_id": run_id, "quoted": quoted, "run": run}
+
+
 @pytest.fixture(scope="module")
 def triggered(up, token) -> dict:
-    """The digits DAG triggered through the REST API with rounds=1, waited for until it finishes."""
+    """The digits DAG triggered through the REST API with rounds=2: the run performs round one and its
+    ``next_round`` task triggers the second run, which the real scheduler runs. Waited for until both
+    finish; the last run is the fixture's ``run_id``, the first its ``first``."""
     deadline = time.monotonic() + 300
     while True:  # the DAG processor parses dags/ right after start
         status, body, _ = request("GET", f"{up.airflow}/api/v2/dags/digits", token=token)
@@ -184,24 +205,12 @@ def triggered(up, token) -> dict:
         time.sleep(3)
     assert json.loads(body)["is_paused"] is False
     status, body, _ = request(
-        "POST", f"{up.airflow}/api/v2/dags/digits/dagRuns", {"logical_date": None, "conf": {"rounds": 1}}, token
+        "POST", f"{up.airflow}/api/v2/dags/digits/dagRuns", {"logical_date": None, "conf": {"rounds": 2}}, token
     )
     assert status == 200, body
-    run_id = json.loads(body)["dag_run_id"]
-    quoted = urllib.parse.quote(run_id, safe="")
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while True:
-        run = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{quoted}", token)
-        if run["state"] in ("success", "failed"):
-            break
-        assert time.monotonic() < deadline, f"run {run_id} still {run['state']} after {RUN_TIMEOUT}s"
-        time.sleep(5)
-    if run["state"] != "success":
-        tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{quoted}/taskInstances?limit=200", token)
-        failed = [(t["task_id"], t["map_index"], t["state"]) for t in tis["task_instances"]
-                  if t["state"] not in ("success", "skipped")]
-        pytest.fail(f"run {run_id} {run['state']}; tasks not successful: {failed}")
-    return {"run_id": run_id, "quoted": quoted, "run": run}
+    first = wait_for_run(up, token, json.loads(body)["dag_run_id"], RUN_TIMEOUT)
+    second = wait_for_run(up, token, f"{first['run_id']}__rounds_left_1", RUN_TIMEOUT)
+    return {**second, "first": first}
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -221,33 +230,48 @@ def test_up_prints_urls_and_login_and_both_answer(up, token):
     assert airfed["fastapi_apps"][0]["url_prefix"] == "/airfed"
 
 
-def test_rest_triggered_run_commits_the_round_and_registers_it(up, token, triggered):
+def test_rest_triggered_rounds_chain_two_runs_and_register_both(up, token, triggered):
     from mlflow import MlflowClient
 
-    # slot 1 ran; slot 2's gate said no; every other task (mapped per-silo tasks included) was skipped
-    tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{triggered['quoted']}/taskInstances?limit=1000", token)
-    states: dict[str, set] = {}
-    for ti in tis["task_instances"]:
-        slot, step = ti["task_id"].split(".")
-        states.setdefault(slot if step != "gate" or slot == "round_1" else "gates", set()).add(ti["state"])
-    assert states.pop("round_1") == {"success"}, tis
-    assert states.pop("gates") == {"success", "skipped"}, tis
-    assert states and all(s == {"skipped"} for s in states.values()), states
+    first, second = triggered["first"], triggered
+    all_runs = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns?order_by=run_after&limit=100", token)["dag_runs"]
+    # (the cron schedule may have added a run, and its chain, when the DAG appeared)
+    runs = [r for r in all_runs if first["run_id"] in (r["dag_run_id"], (r["conf"] or {}).get("chain_id"))]
+    assert [r["dag_run_id"] for r in runs] == [first["run_id"], second["run_id"]]  # rounds=2: no third run
+    assert runs[1]["run_after"] == runs[0]["run_after"]  # the chain keeps its place in the queue
+    assert runs[1]["run_type"] == "operator_triggered", runs[1]
+    assert runs[1]["conf"] == {"rounds": 1, "training": runs[1]["conf"]["training"], "chain_id": first["run_id"]}
+    # round one: every step and the trigger ran; round two: every step ran, next_round skipped
+    for run, last in ((first, "success"), (second, "skipped")):
+        tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{run['quoted']}/taskInstances?limit=100", token)
+        states: dict[str, set] = {}
+        for ti in tis["task_instances"]:
+            states.setdefault(ti["task_id"], set()).add(ti["state"])
+        assert states.pop("next_round") == {last}, tis
+        assert sorted(states) == ["aggregate", "distribute", "evaluate", "register", "train", "validate"]
+        assert all(s == {"success"} for s in states.values()), states
 
     registry = up.home / "store" / "digits" / "rounds"
     records = [json.loads(p.read_text()) for p in sorted(registry.glob("*/registry.json"))]
-    ours = [r for r in records if r["dag_run_id"] == triggered["run_id"]]
-    assert len(ours) == 1, f"rounds={1} asked; records of this run: {ours}"
-    rec = ours[0]
-    assert sorted(rec["accepted"]) == ["asia", "eu", "us"] and rec["rejected"] == {}
+    ours = [r for r in records if r["dag_run_id"] in (first["run_id"], second["run_id"])]
+    assert [r["dag_run_id"] for r in ours] == [first["run_id"], second["run_id"]], ours
+    assert ours[1]["round"] == ours[0]["round"] + 1
+    for rec in ours:
+        assert sorted(rec["accepted"]) == ["asia", "eu", "us"] and rec["rejected"] == {}
     head = json.loads((up.home / "store" / "digits" / "HEAD.json").read_text())
-    assert head["round"] == rec["round"] == max(r["round"] for r in records)
+    assert head["round"] == ours[1]["round"] == max(r["round"] for r in records)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{up.home / 'mlflow.db'}")
     versions = client.search_model_versions("name='digits-mlp'")
-    assert len(versions) == len(records) >= 1
-    version = client.get_model_version("digits-mlp", str(rec["registry_version"]))
-    assert version.tags["dag_run_id"] == triggered["run_id"] and version.tags["round"] == str(rec["round"])
+    assert len(versions) == len(records) >= 2
+    for rec in ours:
+        version = client.get_model_version("digits-mlp", str(rec["registry_version"]))
+        assert version.tags["dag_run_id"] == rec["dag_run_id"] and version.tags["round"] == str(rec["round"])
+    # one MLflow parent run for the chain, named by its first run
+    assert ours[0]["mlflow_parent_run_id"] == ours[1]["mlflow_parent_run_id"]
+    parent = client.get_run(ours[0]["mlflow_parent_run_id"])
+    assert parent.data.tags["airfed.dag_run_id"] == first["run_id"]
+    rec = ours[1]
     assert str(client.get_model_version_by_alias("digits-mlp", "champion").version) == str(rec["champion_version"])
 
 
@@ -282,7 +306,7 @@ def test_jobs_page_json_and_html(up, token, triggered):
 
 def test_register_task_extra_links_resolve_on_the_mlflow_server(up, token, triggered):
     links_url = (f"{up.airflow}/api/v2/dags/digits/dagRuns/{triggered['quoted']}"
-                 "/taskInstances/round_1.register/links")
+                 "/taskInstances/register/links")
     links = get_json(links_url, token)["extra_links"]
     run_link, model_link = links["MLflow round run"], links["Registered model version"]
     assert run_link and model_link, links
@@ -303,7 +327,7 @@ def test_register_task_extra_links_resolve_on_the_mlflow_server(up, token, trigg
     )
     assert status == 200 and png.startswith(b"\x89PNG"), (status, png[:200])
     # tasks that finish before their round is registered have no link
-    early = get_json(links_url.replace("round_1.register", "round_1.distribute"), token)["extra_links"]
+    early = get_json(links_url.replace("/register/", "/distribute/"), token)["extra_links"]
     assert not early.get("MLflow round run")
 
 

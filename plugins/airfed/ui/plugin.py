@@ -1,4 +1,4 @@
-"""The airfed Airflow plugin (entry point ``airflow.plugins``: ``airfed = airfed.airflow_plugin:AirfedPlugin``).
+"""The airfed Airflow plugin (entry point ``airflow.plugins``: ``airfed = airfed.ui.plugin:AirfedPlugin``).
 
 - ``fastapi_apps``: the FL jobs page mounted by the API server at ``/airfed`` (HTML at ``/airfed/``,
   JSON at ``/airfed/api/jobs``); built on first access, so the scheduler and task processes that
@@ -21,7 +21,7 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airfed.links import step_links
+from airfed.ui.links import step_links
 
 URL_PREFIX = "/airfed"
 
@@ -36,7 +36,7 @@ ICON_SVG = (
 def _app() -> Any:
     from fastapi.responses import Response
 
-    from airfed.jobs_page import create_app
+    from airfed.ui.jobs_page import create_app
 
     app = create_app()
 

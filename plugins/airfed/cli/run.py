@@ -26,7 +26,7 @@ from airfed.spec import load_spec
 from fl_tasks.spec import JobSpec
 
 LOADER_SOURCE = '''"""airfed run: the DAG loader (airflow DAG) for the spec(s) in AIRFED_SPECS."""
-from airfed.dag.loader import publish_dags
+from airfed.dag.publish import publish_dags
 
 publish_dags(globals())
 '''
@@ -140,7 +140,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
 
     with output_to_log(log_path) as terminal:
         migrate_airflow_db()
-        from airfed.dag.loader import build_all
+        from airfed.dag.publish import build_all
 
         dags, problems = build_all([Path(spec_path)])
         if problems:

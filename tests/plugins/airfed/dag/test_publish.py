@@ -1,4 +1,4 @@
-"""The dags/ loader (``airfed.dag.loader``) through Airflow's own DagBag."""
+"""The dags/ loader (``airfed.dag.publish``) through Airflow's own DagBag."""
 
 from __future__ import annotations
 

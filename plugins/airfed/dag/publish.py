@@ -1,4 +1,4 @@
-"""The dags/ loader: every job spec in a folder becomes an Airflow DAG.
+"""Publish every job spec of a folder as an Airflow DAG (what the tiny dags/ loader file calls).
 
 A broken spec never hides the others: valid specs are built, and the problems of the broken ones
 surface as an Airflow import error (Airflow records the exception raised by a DAG's ``validate()``

@@ -1,5 +1,8 @@
 """``python -m fl_tasks <step> --job J --round R --run-id ID [--silo S]``: one step of one round.
 
+distribute also takes ``--chain-id`` (the first DAG run of a chain of rounds: one MLflow parent
+run per chain) and ``--training`` (the trigger form's training config).
+
 The same argv runs in a Kubernetes pod and in the local runner's subprocess.
 """
 
@@ -39,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--round", default=None, help="round number ('next' for distribute)")
     parser.add_argument("--run-id", default="manual", help="the Airflow DAG run id")
     parser.add_argument("--silo", default=None)
-    parser.add_argument("--slot", type=int, default=None, help="round slot within the DAG run (distribute)")
+    parser.add_argument("--chain-id", default=None,
+                        help="the first DAG run of this chain of rounds (distribute; default: --run-id)")
     parser.add_argument("--training", default=None, help="JSON object overriding the training config")
     return parser
 
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     training = json.loads(ns.training) if ns.training else None
     if training is not None and not isinstance(training, dict):
         raise SystemExit(f"--training must be a JSON object, got {ns.training!r}")
-    args = StepArgs(ns.step, ns.job, round_number, ns.run_id, ns.silo, ns.slot, training)
+    args = StepArgs(ns.step, ns.job, round_number, ns.run_id, ns.silo, chain_id=ns.chain_id, training=training)
     if ns.step in ("train", "validate", "evaluate") and not ns.silo:
         raise SystemExit(f"step {ns.step} needs --silo")
     module = importlib.import_module(f"fl_tasks.steps.{ns.step}")

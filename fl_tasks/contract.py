@@ -7,8 +7,11 @@ so a local run is the test of what a pod does.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the spec's pydantic model; this module stays stdlib-only at run time
+    from fl_tasks.spec import Placement
 
 #: Steps of one federated round, in order. Per-silo steps map over the job's silos.
 SERVER_STEPS = ("distribute", "aggregate", "register")
@@ -29,30 +32,18 @@ TIMEOUT_ENV = "AIRFED_STEP_TIMEOUT"
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where a step's pod runs (ignored by the local runner)."""
-
-    kubernetes_conn_id: str | None = None
-    namespace: str | None = None
-    service_account_name: str | None = None
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: list[dict] = field(default_factory=list)
-    resources: dict[str, dict[str, str]] = field(default_factory=dict)
-    image_pull_secrets: list[str] = field(default_factory=list)
-    secrets: list[dict[str, str]] = field(default_factory=list)
-    volumes: list[dict] = field(default_factory=list)
-    volume_mounts: list[dict] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class StepCall:
-    """One invocation of ``python -m fl_tasks <step> ...``: what to run, with what env, where."""
+    """One invocation of ``python -m fl_tasks <step> ...``: what to run, with what env, where.
+
+    ``placement`` is the spec's own ``Placement`` (the job's for server steps, the silo's for silo
+    steps); the kubernetes runner converts it to pod arguments, the local runner ignores it.
+    """
 
     step: str
     argv: list[str]
     env: dict[str, str]
     silo: str | None = None
-    placement: Placement = field(default_factory=Placement)
+    placement: Placement | None = None
 
     def as_kwargs(self) -> dict:
         """JSON-friendly form, used as the mapped kwargs of a per-silo task."""
@@ -66,17 +57,12 @@ def step_argv(
     round_ref: str,
     run_id: str,
     silo: str | None = None,
-    python: str | None = None,
 ) -> list[str]:
-    """The argv of a step. ``round_ref`` may be a Jinja template resolved by Airflow at run time."""
+    """The argv of a step. ``round_ref`` and ``run_id`` may be Jinja templates Airflow resolves at run time."""
     if step not in ROUND_STEPS:
         raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS)}")
-    argv = [python or "python", "-m", "fl_tasks", step, "--job", job, "--round", round_ref, "--run-id", run_id]
+    argv = ["python", "-m", "fl_tasks", step, "--job", job, "--round", round_ref, "--run-id", run_id]
     if silo is not None:
         argv += ["--silo", silo]
     return argv
 
-
-def local_python() -> str:
-    """The interpreter the local runner uses: the one Airflow itself runs in."""
-    return sys.executable

@@ -146,7 +146,8 @@ class Plan(Record):
     job: str
     round: int = Field(ge=1)
     dag_run_id: str
-    slot: int | None = None
+    chain_id: str | None = Field(None, description="The first DAG run of the chain this round belongs to.")
+    slot: int | None = Field(None, description="Round slot of plans written before rounds were chained runs.")
     created_at: float
     spec_hash: str
     client_app: str

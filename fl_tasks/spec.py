@@ -25,6 +25,12 @@ NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # DNS-1123 label: valid as a pod n
 JOB_RE = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 IMPORT_REF_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 CRON_PRESETS = {"@once", "@hourly", "@daily", "@weekly", "@monthly", "@quarterly", "@yearly", "@annually"}
+#: Most silos a job may have: Airflow's default ``[core] max_map_length``, the largest fan-out it maps a
+#: task over from an upstream result. airfed maps per-silo steps over a list fixed at parse time,
+#: which that setting does not bound; the cap keeps jobs within it should the silo list ever come
+#: from a step's result (e.g. the sampled silos), and a round's fan-out within what one scheduler loop
+#: handles comfortably.
+MAX_SILOS = 1024
 #: env names that carry credentials: they must come from Kubernetes Secrets / the worker env.
 SECRET_ENV_RE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY)", re.IGNORECASE)
 
@@ -211,6 +217,17 @@ class Execution(Strict):
     max_retry_delay_seconds: int = Field(900, ge=0)
 
 
+class Kubernetes(Strict):
+    """Kubernetes runner options (ignored by the local runner)."""
+
+    deferrable: bool = Field(
+        False,
+        description="Run silo pods deferrable (the provider's deferrable=True): while a silo trains, its task "
+        "waits in Airflow's triggerer instead of holding a worker slot. The pod's activeDeadlineSeconds "
+        "(step timeout + grace) still stops it, since Airflow does not time out a deferred task.",
+    )
+
+
 class DifferentialPrivacy(Strict):
     """Fixed clipping with Gaussian noise, as Flower's DifferentialPrivacy{Server,Client}SideFixedClipping."""
 
@@ -241,12 +258,14 @@ class Data(Strict):
 
 
 class JobSpec(Strict):
-    """A federated learning job: one Airflow DAG, each run performing `rounds_per_run` rounds."""
+    """A federated learning job: one Airflow DAG whose run is one round; a trigger chains `rounds` runs."""
 
     job: str = Field(pattern=JOB_RE, description="Job name; also the DAG id.")
     description: str = ""
     schedule: str | None = Field(None, description="Cron expression or preset; null = trigger only.")
-    rounds_per_run: int = Field(1, ge=1, le=100)
+    rounds_per_run: int = Field(
+        1, ge=1, le=100, description="Rounds a scheduled or triggered run performs (one chained DAG run each)."
+    )
     max_rounds_per_run: int | None = Field(
         None, ge=1, le=100, description="Most rounds the trigger form may ask for (default rounds_per_run)."
     )
@@ -265,6 +284,7 @@ class JobSpec(Strict):
     runner: Literal["local", "kubernetes"] = "local"
     image: str | None = Field(None, description="The fl-task image (kubernetes runner).")
     placement: Placement = Field(default_factory=Placement, description="Server-side steps' placement.")
+    kubernetes: Kubernetes = Field(default_factory=Kubernetes)
     env: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars for every step.")
     data: Data = Field(default_factory=Data)
     silos: list[Silo] = Field(min_length=1)
@@ -287,6 +307,11 @@ class JobSpec(Strict):
     @field_validator("silos")
     @classmethod
     def _unique_silos(cls, silos: list[Silo]) -> list[Silo]:
+        if len(silos) > MAX_SILOS:
+            raise ValueError(
+                f"{len(silos)} silos; a job may have at most {MAX_SILOS} (Airflow's default [core] max_map_length, "
+                "the largest fan-out of one mapped task): split the silos into regions or jobs"
+            )
         seen: set[str] = set()
         for silo in silos:
             if silo.name in seen:
@@ -317,7 +342,8 @@ class JobSpec(Strict):
         return self.registry.experiment or f"airfed/{self.job}"
 
     @property
-    def unrolled_rounds(self) -> int:
+    def max_rounds(self) -> int:
+        """Most rounds one trigger may ask for (each round is one DAG run of the chain)."""
         return self.max_rounds_per_run or self.rounds_per_run
 
     def canonical_json(self) -> str:

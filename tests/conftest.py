@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="airfed-tests-"))
 
 os.environ["AIRFED_HOME"] = str(SESSION_HOME / "home")
-for var in ("AIRFED_STORE_URL", "MLFLOW_TRACKING_URI", "AIRFED_SPECS", "AIRFED_UNROLL_ROUNDS"):
+for var in ("AIRFED_STORE_URL", "MLFLOW_TRACKING_URI", "AIRFED_SPECS", "AIRFED_STEP_PYTHON"):
     os.environ.pop(var, None)
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)

@@ -32,7 +32,7 @@ class StepArgs:
     round: int | None
     run_id: str
     silo: str | None = None
-    slot: int | None = None
+    chain_id: str | None = None
     training: dict[str, Any] | None = None
 
 

@@ -1,8 +1,9 @@
 """distribute: fix the round number and publish the global model this round trains from.
 
-The round is HEAD's round + 1. A retry of the same DAG-run slot finds its own plan and reuses it,
-so re-running is idempotent. Round 1's global comes from the spec's model factory or seed file;
-later rounds train from the global that the previous round's aggregate committed.
+The round is HEAD's round + 1. A retry within the same DAG run (one DAG run is one round) finds
+its own plan and reuses it, so re-running is idempotent. Round 1's global comes from the spec's
+model factory or seed file; later rounds train from the global that the previous round's aggregate
+committed.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ def _spec() -> JobSpec:
 
 
 def _choose_round(env: StepEnv, head: Head | None) -> int:
-    """HEAD+1, unless this DAG-run slot already planned a round (a retry or a re-run)."""
+    """HEAD+1, unless this DAG run already planned a round (a retry or a re-run)."""
     head_round = head.round if head else 0
     for candidate in (head_round + 1, head_round):
         if candidate < 1:
             continue
         plan = env.store.get_record_or_none(env.keys.plan(candidate), Plan)
-        if plan and plan.dag_run_id == env.args.run_id and plan.slot == env.args.slot:
+        if plan and plan.dag_run_id == env.args.run_id:
             return candidate
     return head_round + 1
 
@@ -74,8 +75,8 @@ def run(env: StepEnv) -> None:
     head = env.store.get_record_or_none(env.keys.head, Head)
     r = _choose_round(env, head)
     existing = env.store.get_record_or_none(env.keys.plan(r), Plan)
-    if existing and existing.dag_run_id == env.args.run_id and existing.slot == env.args.slot:
-        log(f"round {r} already planned by this run (slot {env.args.slot}); reusing its plan")
+    if existing and existing.dag_run_id == env.args.run_id:
+        log(f"round {r} already planned by this run; reusing its plan")
         write_result({"round": r, "input_global": existing.input_global.model_dump(), "reused": True})
         return
 
@@ -97,7 +98,7 @@ def run(env: StepEnv) -> None:
         job=env.args.job,
         round=r,
         dag_run_id=env.args.run_id,
-        slot=env.args.slot,
+        chain_id=env.args.chain_id or env.args.run_id,
         created_at=now(),
         spec_hash=spec.spec_hash(),
         client_app=spec.client_app,

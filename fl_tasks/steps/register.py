@@ -40,6 +40,11 @@ def _publish_plot(env: StepEnv, r: int, summary: RegistrySummary) -> None:
                 c.log_artifact(run_id, str(path), artifact_path="plots")
 
 
+def parent_run_key(plan: Plan) -> str:
+    """The MLflow parent run of a round: one per chain of rounds (plans before chains: per DAG run)."""
+    return plan.chain_id or plan.dag_run_id
+
+
 class RoundNotCommitted(RuntimeError):
     pass
 
@@ -57,7 +62,7 @@ def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason:
     r, job = env.round, env.args.job
     c = lineage.client()
     exp_id = lineage.ensure_experiment(c, plan.registry.experiment)
-    parent = lineage.ensure_parent_run(c, exp_id, job, plan.dag_run_id)
+    parent = lineage.ensure_parent_run(c, exp_id, job, parent_run_key(plan))
     run = lineage.ensure_round_run(c, exp_id, job, plan.dag_run_id, r, parent.info.run_id)
     rejected = result.rejected if result else {}
     tags = {f"rejected.{n}": why[:4000] for n, why in rejected.items()}
@@ -95,7 +100,7 @@ def run(env: StepEnv) -> None:
     with lineage.reporting_failures(f"registering round {r} of {job}"):
         c = lineage.client()
         exp_id = lineage.ensure_experiment(c, plan.registry.experiment)
-        parent = lineage.ensure_parent_run(c, exp_id, job, plan.dag_run_id)
+        parent = lineage.ensure_parent_run(c, exp_id, job, parent_run_key(plan))
         round_run = lineage.ensure_round_run(c, exp_id, job, plan.dag_run_id, r, parent.info.run_id)
         run_id = round_run.info.run_id
 

@@ -1,17 +1,20 @@
 """The embedded default: every path and URL under ``AIRFED_HOME`` unless the user set it.
 
-Must run before Airflow is imported: Airflow reads its configuration at import time.
+``configure`` must run before Airflow is imported: Airflow reads its configuration at import time.
+``migrate_airflow_db`` and ``prepare_silo_data`` are what ``airfed run`` and ``airfed up`` both do
+on a fresh AIRFED_HOME.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import TextIO
 
-
-def airfed_home() -> Path:
-    return Path(os.environ.get("AIRFED_HOME", "~/.airfed")).expanduser().resolve()
+from fl_tasks.spec import JobSpec
+from fl_tasks.store import airfed_home
 
 
 def configure(dags_folder: Path | None = None) -> dict[str, str]:
@@ -51,3 +54,19 @@ def migrate_airflow_db() -> None:
     from airflow.utils import db
 
     db.initdb()
+
+
+class DataPreparationFailed(RuntimeError):
+    """The spec's ``data.prepare`` function failed (its output was printed)."""
+
+
+def prepare_silo_data(spec: JobSpec, out: TextIO) -> None:
+    """Create the silos' missing example data (the spec's ``data.prepare``) in a subprocess; output to ``out``."""
+    from airfed.runners.local import step_command  # the steps' interpreter: the data code is step-side
+
+    argv = step_command(["python", "-m", "fl_tasks.prepare_data", spec.step_payload()])
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        print(line, file=out, flush=True)
+    if proc.returncode != 0:
+        raise DataPreparationFailed(f"preparing silo data for {spec.job} failed (exit {proc.returncode})")

@@ -372,7 +372,7 @@ def canonical_sha256(path: Path) -> str:
 def test_real_steps_commit_identical_weights_on_both_paths(tmp_path):
     """A seeded distribute + train through each launcher: the same weights, byte for byte, in the store."""
     from airfed.calls import round_calls, round_template
-    from airfed.spec_loader import load_spec
+    from airfed.spec import load_spec
 
     spec = load_spec(REPO / "dags" / "digits.yaml")
     home = tmp_path / "home"

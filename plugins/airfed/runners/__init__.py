@@ -8,7 +8,7 @@ from typing import Any
 from fl_tasks.contract import StepCall
 from fl_tasks.spec import JobSpec
 
-#: (step name, its StepCall or per-silo StepCalls, Airflow task options) -> the step's task
+#: (step name, its StepCall or per-silo StepCalls, Airflow task options incl. task_id) -> the step's task
 OperatorFactory = Callable[[str, StepCall | list[StepCall], dict[str, Any]], Any]
 
 

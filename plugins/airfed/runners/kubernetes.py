@@ -6,7 +6,15 @@ steps (distribute, aggregate, register) run with the job's top-level ``placement
 (train, validate, evaluate) are one task mapped over the silos with
 ``.partial(...).expand_kwargs(...)``, each map index carrying its silo's own placement: Airflow
 connection (so each silo may be a different cluster), namespace, service account, node selector,
-tolerations, resources (GPU limits included), image pull secrets and Secret refs.
+tolerations, resources (GPU limits included), image pull secrets, Secret refs and volumes.
+
+The spec's ``Placement`` travels as plain data (it must serialise into the stored DAG) and becomes
+pod arguments in one place, :func:`placement_pod_kwargs`, when the operator is created.
+
+Every pod has ``activeDeadlineSeconds`` = the step's hard limit (its timeout plus grace, the same
+value as the task's ``execution_timeout``), so the cluster stops a pod that outlives it even when
+Airflow does not watch the clock (a deferred task). ``kubernetes.deferrable: true`` in the spec runs
+silo pods deferrable: their tasks wait in the triggerer instead of holding worker slots.
 
 Credentials reach pods only as references to Kubernetes Secrets (``secretKeyRef`` / ``envFrom``);
 the spec validator already refuses credential-like names in literal ``env``. Server steps push
@@ -19,6 +27,7 @@ Parse-time cheap: only the provider and the kubernetes client models are importe
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -27,10 +36,9 @@ from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from kubernetes.client import models as k8s
 
-from airfed.links import step_links
-from airfed.runners.slots import RoundSlotGuard
-from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, SKIP_EXIT_CODE, Placement, StepCall
-from fl_tasks.spec import JobSpec
+from airfed.ui.links import step_links
+from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, SILO_STEPS, SKIP_EXIT_CODE, StepCall
+from fl_tasks.spec import JobSpec, Placement, SecretRef
 
 #: Where the provider's xcom sidecar reads a pod's result from (``PodDefaults.XCOM_MOUNT_PATH``).
 XCOM_RESULT_FILE = f"{PodDefaults.XCOM_MOUNT_PATH}/return.json"
@@ -55,31 +63,47 @@ SIDECAR_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
-def secret_objects(refs: list[dict[str, str]]) -> list[Secret]:
-    """Spec Secret refs as the provider's ``Secret``: one key → ``secretKeyRef``, no key → ``envFrom``."""
-    secrets = []
-    for ref in refs:
-        if ref.get("key"):
-            secrets.append(Secret("env", ref.get("env") or ref["key"], ref["secret"], ref["key"]))
-        else:
-            secrets.append(Secret("env", None, ref["secret"]))
-    return secrets
+def secret_object(ref: SecretRef) -> Secret:
+    """A spec Secret ref as the provider's ``Secret``: one key → ``secretKeyRef``, no key → ``envFrom``."""
+    if ref.key:
+        return Secret("env", ref.env or ref.key, ref.secret, ref.key)
+    return Secret("env", None, ref.secret)
 
 
-def volume_objects(volumes: list[dict[str, Any]], mounts: list[dict[str, Any]]):
-    """Volumes and mounts given in Kubernetes API form (as in a Pod manifest) as client models."""
-    pod = PodGenerator.deserialize_model_dict(
-        {"spec": {"volumes": volumes, "containers": [{"name": "base", "volumeMounts": mounts}]}}
-    )
-    return list(pod.spec.volumes or []), list(pod.spec.containers[0].volume_mounts or [])
+def placement_pod_kwargs(placement: Placement) -> dict[str, Any]:
+    """The one conversion of a spec ``Placement`` into ``KubernetesPodOperator`` arguments.
+
+    Tolerations, volumes and mounts are given in Kubernetes API form (as in a Pod manifest) and
+    become client models through the provider's ``PodGenerator.deserialize_model_dict``.
+    """
+    pod = PodGenerator.deserialize_model_dict({"spec": {
+        "tolerations": placement.tolerations,
+        "volumes": placement.volumes,
+        "containers": [{"name": "base", "volumeMounts": placement.volume_mounts}],
+    }})
+    resources = {kind: {k: str(v) for k, v in values.items()} for kind, values in placement.resources.items()}
+    return {
+        "kubernetes_conn_id": placement.kubernetes_conn_id or DEFAULT_CONN_ID,
+        "namespace": placement.namespace,
+        "service_account_name": placement.service_account_name,
+        "node_selector": dict(placement.node_selector),
+        "tolerations": list(pod.spec.tolerations or []),
+        "container_resources": k8s.V1ResourceRequirements(
+            requests=resources.get("requests"), limits=resources.get("limits")
+        ) if resources else None,
+        "image_pull_secrets": [k8s.V1LocalObjectReference(name=s) for s in placement.image_pull_secrets],
+        "secrets": [secret_object(ref) for ref in placement.secrets],
+        "volumes": list(pod.spec.volumes or []),
+        "volume_mounts": list(pod.spec.containers[0].volume_mounts or []),
+    }
 
 
-class FlStepPodOperator(RoundSlotGuard, KubernetesPodOperator):
-    """A ``KubernetesPodOperator`` running one airfed step, taking its placement as plain data.
+class FlStepPodOperator(KubernetesPodOperator):
+    """A ``KubernetesPodOperator`` running one airfed step, its placement given as the spec's data.
 
-    Secret refs, resources and image pull secrets arrive as JSON-friendly values (dicts, strings)
-    and become the provider's objects here, so the per-silo ``expand_kwargs`` list serialises
-    cleanly into the DAG Airflow stores (k8s model objects there would be stringified).
+    ``placement`` is a spec ``Placement`` or its JSON form (what a per-silo ``expand_kwargs`` list
+    holds, so the DAG Airflow stores serialises cleanly); :func:`placement_pod_kwargs` turns it
+    into the operator's pod arguments.
     """
 
     ui_color = "#e4ecf7"
@@ -93,51 +117,17 @@ class FlStepPodOperator(RoundSlotGuard, KubernetesPodOperator):
         *,
         step: str,
         silo: str | None = None,
-        secret_refs: list[dict[str, str]] | None = None,
-        container_resources: dict[str, dict[str, str]] | k8s.V1ResourceRequirements | None = None,
-        image_pull_secrets: list[str] | list[k8s.V1LocalObjectReference] | str | None = None,
-        secrets: list[Secret] | None = None,
-        volume_specs: list[dict[str, Any]] | None = None,
-        volume_mount_specs: list[dict[str, Any]] | None = None,
+        placement: Placement | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if volume_specs or volume_mount_specs:
-            volumes, mounts = volume_objects(volume_specs or [], volume_mount_specs or [])
-            kwargs["volumes"] = [*(kwargs.get("volumes") or []), *volumes]
-            kwargs["volume_mounts"] = [*(kwargs.get("volume_mounts") or []), *mounts]
-        if isinstance(container_resources, dict):
-            container_resources = k8s.V1ResourceRequirements(
-                requests=container_resources.get("requests") or None,
-                limits=container_resources.get("limits") or None,
-            ) if container_resources else None
-        if isinstance(image_pull_secrets, list | tuple):
-            image_pull_secrets = [
-                k8s.V1LocalObjectReference(name=s) if isinstance(s, str) else s for s in image_pull_secrets
-            ]
-        super().__init__(
-            container_resources=container_resources,
-            image_pull_secrets=image_pull_secrets or None,
-            secrets=[*(secrets or []), *secret_objects(secret_refs or [])],
-            **kwargs,
-        )
+        placement = placement if isinstance(placement, Placement) else Placement.model_validate(placement or {})
+        super().__init__(**placement_pod_kwargs(placement), **kwargs)
         self.step = step
         self.silo = silo
-        self.secret_refs = list(secret_refs or [])
 
 
-def _current_slot() -> int | None:
-    """The round slot of the task group being built (``round_<slot>``), if any."""
-    try:
-        from airflow.sdk.definitions._internal.contextmanager import TaskGroupContext
-    except ImportError:  # pragma: no cover - private SDK module moved
-        return None
-    group = TaskGroupContext.get_current()
-    group_id = getattr(group, "group_id", None) or ""
-    prefix = "round_"
-    return int(group_id[len(prefix):]) if group_id.startswith(prefix) and group_id[len(prefix):].isdigit() else None
-
-
-def _labels(spec: JobSpec, step: str, silo: str | None, slot: int | None) -> dict[str, str]:
+def pod_labels(spec: JobSpec, step: str, silo: str | None) -> dict[str, str]:
+    """airfed's labels of a step's pod (the provider adds dag_id, task_id, run_id, map_index, try_number)."""
     labels = {
         "app.kubernetes.io/name": "fl-task",
         "app.kubernetes.io/part-of": "airfed",
@@ -147,54 +137,34 @@ def _labels(spec: JobSpec, step: str, silo: str | None, slot: int | None) -> dic
     }
     if silo:
         labels[f"{LABEL_PREFIX}/silo"] = silo
-    if slot is not None:
-        labels[f"{LABEL_PREFIX}/round-slot"] = str(slot)
     return labels
 
 
-def _pod_name(spec: JobSpec, step: str, silo: str | None) -> str:
-    # The provider lower-cases it, replaces other characters by '-' and appends a random suffix.
-    return "-".join(p for p in (spec.job, step, silo) if p)
+def pod_name(spec: JobSpec, step: str, silo: str | None) -> str:
+    """``<job>-<step>[-<silo>]`` as a DNS label part (the provider appends a random suffix)."""
+    name = "-".join(p for p in (spec.job, step, silo) if p)
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower())
 
 
-def placement_kwargs(placement: Placement) -> dict[str, Any]:
-    """The operator kwargs of a placement, as plain data (safe in ``expand_kwargs``)."""
-    kwargs: dict[str, Any] = {
-        "kubernetes_conn_id": placement.kubernetes_conn_id or DEFAULT_CONN_ID,
-        "namespace": placement.namespace,
-        "service_account_name": placement.service_account_name,
-        "node_selector": dict(placement.node_selector),
-        "tolerations": [dict(t) for t in placement.tolerations],
-        "container_resources": {k: dict(v) for k, v in placement.resources.items()},
-        "image_pull_secrets": list(placement.image_pull_secrets),
-        "secret_refs": [dict(s) for s in placement.secrets],
-        "volume_specs": [dict(v) for v in placement.volumes],
-        "volume_mount_specs": [dict(m) for m in placement.volume_mounts],
-    }
-    return kwargs
-
-
-def pod_env(call: StepCall, xcom: bool) -> dict[str, str]:
-    """The container env: the StepCall's env, plus where to write the XCom result."""
+def pod_env(call: StepCall) -> dict[str, str]:
+    """The container env: the StepCall's env, plus, for server steps, where to write the XCom result."""
     env = dict(call.env)
-    if xcom:
+    if call.step in SERVER_STEPS:
         env[RESULT_FILE_ENV] = XCOM_RESULT_FILE
     return env
 
 
-def common_kwargs(spec: JobSpec, step: str, slot: int | None, silo: str | None = None) -> dict[str, Any]:
-    """Kwargs every pod of a step shares (the ``partial`` of a mapped step)."""
+def step_kwargs(spec: JobSpec, step: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Arguments every pod of a step shares (the ``partial`` of a mapped step), with the task options."""
     if not spec.image:
         raise ValueError("runner 'kubernetes' needs 'image' (the fl-task image)")
-    xcom = step in SERVER_STEPS
-    return {
-        "task_id": step,
+    kwargs = {
+        **options,
         "step": step,
         "image": spec.image,
         "image_pull_policy": "IfNotPresent",
-        "labels": _labels(spec, step, silo, slot),
         "annotations": {f"{LABEL_PREFIX}/spec-sha256": spec.spec_hash()},
-        "do_xcom_push": xcom,
+        "do_xcom_push": step in SERVER_STEPS,
         "get_logs": True,
         "log_events_on_failure": True,
         "on_finish_action": "delete_succeeded_pod",
@@ -204,41 +174,43 @@ def common_kwargs(spec: JobSpec, step: str, slot: int | None, silo: str | None =
         "container_security_context": dict(CONTAINER_SECURITY_CONTEXT),
         "xcom_sidecar_container_security_context": dict(SIDECAR_SECURITY_CONTEXT),
     }
+    if "execution_timeout" in options:
+        kwargs["active_deadline_seconds"] = int(options["execution_timeout"].total_seconds())
+    if step in SILO_STEPS and spec.kubernetes.deferrable:
+        kwargs["deferrable"] = True
+    return kwargs
 
 
-def silo_kwargs(spec: JobSpec, call: StepCall, slot: int | None) -> dict[str, Any]:
-    """One map index of a per-silo step: the silo's argv, env, labels, name and placement."""
+def pod_kwargs(spec: JobSpec, call: StepCall) -> dict[str, Any]:
+    """Arguments of one pod: the StepCall's argv and env, its labels, name and placement (plain data)."""
+    placement = call.placement.model_dump(mode="json", exclude_defaults=True) if call.placement else {}
     return {
         "silo": call.silo,
-        "name": _pod_name(spec, call.step, call.silo),
+        "name": pod_name(spec, call.step, call.silo),
         "cmds": call.argv[:1],
         "arguments": call.argv[1:],
-        "env_vars": pod_env(call, xcom=False),
-        "labels": _labels(spec, call.step, call.silo, slot),
-        **placement_kwargs(call.placement),
+        "env_vars": pod_env(call),
+        "labels": pod_labels(spec, call.step, call.silo),
+        "placement": placement,
     }
+
+
+def step_pod_operators(spec: JobSpec, step: str, call: StepCall | list[StepCall],
+                       options: dict[str, Any]) -> list[FlStepPodOperator]:
+    """One unmapped operator per pod of a step (what ``airfed render`` builds pods from)."""
+    calls = call if isinstance(call, list) else [call]
+    return [FlStepPodOperator(**step_kwargs(spec, step, options), **pod_kwargs(spec, c)) for c in calls]
 
 
 def kubernetes_tasks(spec: JobSpec):
     """The operator factory of the kubernetes runner for ``spec`` (see ``airfed.runners``)."""
 
-    def make(step: str, call: StepCall | list[StepCall], options: dict[str, Any] | None = None) -> Any:
-        """``options``: Airflow task arguments from the builder (timeouts, retries, trigger rule)."""
-        slot = _current_slot()
+    def make(step: str, call: StepCall | list[StepCall], options: dict[str, Any]) -> Any:
+        """``options``: Airflow task arguments from the builder (task id, timeouts, retries, trigger rule)."""
         if isinstance(call, StepCall):
-            return FlStepPodOperator(
-                **common_kwargs(spec, step, slot),
-                name=_pod_name(spec, step, None),
-                cmds=call.argv[:1],
-                arguments=call.argv[1:],
-                env_vars=pod_env(call, xcom=True),
-                **placement_kwargs(call.placement),
-                **(options or {}),
-            )
-        partial = common_kwargs(spec, step, slot)
-        del partial["labels"]  # per silo (carries the silo label)
+            return FlStepPodOperator(**step_kwargs(spec, step, options), **pod_kwargs(spec, call))
         return FlStepPodOperator.partial(
-            **partial, map_index_template="{{ task.silo }}", **(options or {})
-        ).expand_kwargs([silo_kwargs(spec, c, slot) for c in call])
+            **step_kwargs(spec, step, options), map_index_template="{{ task.silo }}"
+        ).expand_kwargs([pod_kwargs(spec, c) for c in call])
 
     return make

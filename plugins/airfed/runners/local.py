@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,12 +20,24 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-from airfed.links import step_links
-from airfed.runners.slots import RoundSlotGuard
+from airfed.ui.links import step_links
 from fl_tasks.contract import RESULT_FILE_ENV, SKIP_EXIT_CODE, StepCall
 
+#: The interpreter (or command prefix, shell-split) that runs ``python -m fl_tasks ...`` locally;
+#: default: the interpreter Airflow runs in. A rehearsal of the deployed form points it at the
+#: step environment's interpreter (the stand-in for the fl-task image).
+STEP_PYTHON_ENV = "AIRFED_STEP_PYTHON"
 
-class LocalStepOperator(RoundSlotGuard, BaseOperator):
+
+def step_command(argv: list[str]) -> list[str]:
+    """A StepCall's argv as the local runner executes it: its ``python`` is the step interpreter."""
+    if argv[:1] != ["python"]:
+        return list(argv)
+    prefix = shlex.split(os.environ.get(STEP_PYTHON_ENV, "")) or [sys.executable]
+    return [*prefix, *argv[1:]]
+
+
+class LocalStepOperator(BaseOperator):
     """Run ``python -m fl_tasks <step> ...`` as a subprocess with the StepCall's env."""
 
     template_fields = ("argv",)
@@ -39,15 +52,11 @@ class LocalStepOperator(RoundSlotGuard, BaseOperator):
         self.silo = silo
         self._proc: subprocess.Popen | None = None
 
-    def _command(self) -> list[str]:
-        # The StepCall says "python"; locally that is the interpreter Airflow runs in.
-        return [sys.executable if self.argv[0] == "python" else self.argv[0], *self.argv[1:]]
-
     def execute(self, context: Any) -> Any:
         with tempfile.TemporaryDirectory(prefix="airfed-step-") as tmp:
             result_file = Path(tmp) / "result.json"
             env = {**os.environ, **self.env, RESULT_FILE_ENV: str(result_file)}
-            command = self._command()
+            command = step_command(self.argv)
             self.log.info("Running %s", " ".join(command))
             tail: deque[str] = deque(maxlen=20)
             self._proc = subprocess.Popen(
@@ -88,7 +97,7 @@ class LocalStepOperator(RoundSlotGuard, BaseOperator):
 def local_task(step: str, call: StepCall | list[StepCall], options: dict[str, Any]) -> Any:
     """A server step as one task; a per-silo step as one task mapped over the silos."""
     if isinstance(call, StepCall):
-        return LocalStepOperator(task_id=step, step=step, argv=call.argv, env=call.env, **options)
+        return LocalStepOperator(step=step, argv=call.argv, env=call.env, **options)
     return LocalStepOperator.partial(
-        task_id=step, step=step, map_index_template="{{ task.silo }}", **options
+        step=step, map_index_template="{{ task.silo }}", **options
     ).expand_kwargs([c.as_kwargs() for c in call])

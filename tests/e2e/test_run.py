@@ -1,0 +1,156 @@
+"""End to end: ``airfed run dags/digits.yaml`` through Airflow's dag.test(), real torch, real MLflow.
+
+One fresh AIRFED_HOME: a first run of 5 rounds, then a second run of 2 that must continue at round 6.
+Each round is one DAG run (``dag.test()``); the rounds of one invocation share one MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from helpers import EXAMPLE_SPEC, REPO, airfed_cli, airflow_runs, json_summary
+
+
+def airfed_run(home: Path, *args: str) -> tuple[dict, str]:
+    proc = airfed_cli(home, "run", str(EXAMPLE_SPEC), "--json", *args)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json_summary(proc), proc.stdout
+
+
+def referenced_objects(store_root: Path):
+    """Every (key, sha256) pair recorded in the store's JSON records."""
+    for record_path in store_root.rglob("*.json"):
+        record = json.loads(record_path.read_text())
+        stack = [record]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if isinstance(node.get("key"), str) and isinstance(node.get("sha256"), str):
+                    yield record_path, node["key"], node["sha256"]
+                if "global_key" in node and "global_sha256" in node:
+                    yield record_path, node["global_key"], node["global_sha256"]
+                if "result_key" in node and "result_sha256" in node:
+                    yield record_path, node["result_key"], node["result_sha256"]
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    first, first_out = airfed_run(home, "--rounds", "5")
+    second, second_out = airfed_run(home, "--rounds", "2")
+    return home, first, first_out, second, second_out
+
+
+def test_first_run_trains_five_rounds_and_converges(runs):
+    _home, first, out, _second, _ = runs
+    assert first["state"] == "success"
+    assert [r["round"] for r in first["rounds"]] == [1, 2, 3, 4, 5]
+    accuracies = [r["metrics"]["accuracy"] for r in first["rounds"]]
+    assert accuracies[-1] >= 0.85, accuracies
+    assert accuracies[-1] > accuracies[0]
+    assert all(sorted(r["accepted"]) == ["asia", "eu", "us"] for r in first["rounds"])
+    assert first["head_round"] == 5 and first["registry_version"] == 5
+    # one DAG run per round, the first run's id names the chain
+    assert len(set(first["dag_run_ids"])) == 5 and first["dag_run_id"] == first["dag_run_ids"][0]
+    assert [r["dag_run_id"] for r in first["rounds"]] == first["dag_run_ids"]
+    # one progress line per round, then where to look
+    progress = [line for line in out.splitlines() if line.startswith("round ")]
+    assert len(progress) == 5 and "val accuracy" in progress[0]
+    assert "mlflow:" in out and "registry:" in out and "store:" in out
+
+
+def test_second_run_continues_from_head(runs):
+    _home, first, _, second, _ = runs
+    assert [r["round"] for r in second["rounds"]] == [6, 7]
+    assert second["head_round"] == 7
+    assert second["rounds"][0]["metrics"]["accuracy"] >= first["rounds"][-1]["metrics"]["accuracy"] - 0.05
+    assert second["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+def test_every_dag_run_is_one_finished_round_and_none_is_left_queued(runs):
+    home, first, _, second, _ = runs
+    dag_runs = airflow_runs(home, "digits")
+    assert [r[0] for r in dag_runs] == first["dag_run_ids"] + second["dag_run_ids"]
+    assert {r[2] for r in dag_runs} == {"success"}  # nothing queued or running: next_round skipped (rounds=1)
+    plans = [json.loads((home / "store" / "digits" / "rounds" / str(r) / "plan.json").read_text()) for r in range(1, 8)]
+    assert [p["dag_run_id"] for p in plans] == first["dag_run_ids"] + second["dag_run_ids"]
+    assert {p["chain_id"] for p in plans[:5]} == {first["dag_run_id"]}
+    assert {p["chain_id"] for p in plans[5:]} == {second["dag_run_id"]}
+
+
+def test_every_recorded_sha256_matches_its_object(runs):
+    home, *_ = runs
+    store = home / "store"
+    checked = 0
+    for record, key, sha in referenced_objects(store):
+        data = (store / key).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha, f"{key} (referenced by {record})"
+        checked += 1
+    assert checked > 7 * 3 * 2  # globals, updates, results across 7 rounds
+    assert json.loads((store / "digits" / "HEAD.json").read_text())["round"] == 7
+
+
+def test_mlflow_lineage_and_registry(runs):
+    from mlflow import MlflowClient
+
+    home, first, _, second, _ = runs
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("airfed/digits")
+    assert exp is not None
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.tags["airfed.dag_run_id"] == first["dag_run_id"]
+    nested = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(int(r.data.tags["airfed.round"]) for r in nested) == [1, 2, 3, 4, 5]
+    round_5 = next(r for r in nested if r.data.tags["airfed.round"] == "5")
+    for silo in ("us", "eu", "asia"):
+        assert f"{silo}.train_loss" in round_5.data.metrics
+        assert f"{silo}.eval_accuracy" in round_5.data.metrics
+        assert len(round_5.data.tags[f"update_sha256.{silo}"]) == 64
+    assert round_5.data.metrics["accepted"] == 3 and round_5.data.metrics["rejected"] == 0
+    assert len(round_5.data.params["new_global_sha256"]) == 64
+
+    versions = client.search_model_versions("name = 'digits-mlp'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, 8))
+    v5 = next(v for v in versions if str(v.version) == "5")
+    for tag in ("job", "round", "dag_run_id", "spec_hash", "global_sha256", "update_sha256.us"):
+        assert v5.tags.get(tag), tag
+    assert v5.tags["round"] == "5" and v5.tags["dag_run_id"] == first["rounds"][4]["dag_run_id"]
+    champion = client.get_model_version_by_alias("digits-mlp", "champion")
+    assert int(champion.version) == second["champion_version"]
+    best = max(versions, key=lambda v: float(v.tags["promotion_value"]))
+    assert champion.version == best.version
+
+
+def test_asset_consumer_dag_predicts_with_the_champion(runs, airflow_db, monkeypatch):
+    """The example DAG scheduled on the job's model Asset runs (dag.test) against the champion."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    home, *_ = runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.setenv("AIRFED_HOME", str(home))
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    digits = bag.dags["digits"]
+    consumer = bag.dags["digits_batch_predict"]
+    (outlet,) = digits.get_task("register").outlets
+    assert outlet.uri == "airfed://digits/digits-mlp"
+    assert outlet in consumer.timetable.asset_condition.objects  # scheduled on exactly that Asset
+    dag_run = consumer.test()
+    assert str(dag_run.state) == "success"
+    predictions = sorted((home / "predictions" / "digits-mlp").glob("v*.csv"))
+    assert predictions and len(predictions[0].read_text().splitlines()) == 1798
+
+
+def test_convergence_plot_written_next_to_summary(runs):
+    home, first, out, second, _ = runs
+    plot = Path(second["convergence_plot"])
+    assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (home / "reports" / "digits" / "summary.json").exists()
+    assert "plot:" in out

@@ -1,0 +1,107 @@
+"""Helpers shared by test modules (importable: ``tests/`` is on ``sys.path`` under pytest).
+
+Paths of the repository, the ``airfed`` CLI in a subprocess with its own AIRFED_HOME, fault-injection
+job specs, and reads of the local store and MLflow. Test modules import from here, never from each
+other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+EXAMPLE_SPEC = REPO / "dags" / "digits.yaml"
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's env without airfed/MLflow/Airflow settings, with ``AIRFED_HOME=home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
+    env.update({"AIRFED_HOME": str(home), **extra})
+    return env
+
+
+def airfed_cli(home: Path, *args: str, env_extra: dict[str, str] | None = None,
+               timeout: float = 1200) -> subprocess.CompletedProcess:
+    """``python -m airfed.cli ARGS`` from the repository root, on a fresh embedded default under ``home``."""
+    return subprocess.run(
+        [sys.executable, "-m", "airfed.cli", *args], capture_output=True, text=True, cwd=REPO,
+        env=clean_env(home, **(env_extra or {})), timeout=timeout,
+    )
+
+
+def json_summary(proc: subprocess.CompletedProcess) -> dict[str, Any] | None:
+    """The ``--json`` summary (the last line ``airfed run`` prints), or None."""
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return None
+
+
+def make_fault_spec(tmp_path: Path, name: str, silos: dict[str, str], **overrides: Any) -> Path:
+    """Job ``faulty`` whose silos misbehave as ``silos[name]`` says (tests/fixtures/airfed_faults.py)."""
+    spec = {
+        "job": "faulty",
+        "client_app": "airfed_faults:app",
+        "model": {"init": "examples.digits.model:initial_state"},
+        "quorum": {"min_silos": 2},
+        "guards": {"max_update_norm": 100.0},
+        "training": {"local-epochs": 1, "lr": 0.05, "batch-size": 32},
+        "execution": {"silo_timeout_seconds": 20, "retries": 0},
+        "data": {"prepare": "examples.digits.data:prepare", "options": {"partition": "iid", "seed": 1}},
+        "silos": [
+            {
+                "name": silo,
+                "data": f"${{AIRFED_HOME}}/data/faulty/{silo}.npz",
+                "node_config": {"fault": fault, "tamper-key": f"faulty/rounds/{{round}}/updates/{silo}.safetensors"},
+            }
+            for silo, fault in silos.items()
+        ],
+        **overrides,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_fault_spec(home: Path, spec: Path, *args: str, extra_env: dict[str, str] | None = None):
+    """``airfed run SPEC --json --rounds 1`` with the fault-injecting ClientApp importable."""
+    proc = airfed_cli(home, "run", str(spec), "--json", "--rounds", "1", *args,
+                      env_extra={"PYTHONPATH": str(FIXTURES), **(extra_env or {})}, timeout=900)
+    return proc, json_summary(proc)
+
+
+def store_json(home: Path, key: str) -> Any:
+    """A JSON record of the local store under ``home``, or None."""
+    path = home / "store" / key
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def mlflow_round_runs(home: Path, experiment: str = "airfed/faulty"):
+    """(client, the round runs of ``experiment``) in the SQLite MLflow under ``home``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], filter_string="tags.`airfed.kind` = 'round'")
+
+
+def airflow_runs(home: Path, dag_id: str) -> list[tuple[str, str, str]]:
+    """(run_id, run_type, state) of every DAG run of ``dag_id`` in the embedded metadata DB under ``home``."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "airflow" / "airflow.db")
+    try:
+        return db.execute(
+            "SELECT run_id, run_type, state FROM dag_run WHERE dag_id = ? ORDER BY id", (dag_id,)
+        ).fetchall()
+    finally:
+        db.close()

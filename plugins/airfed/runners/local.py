@@ -2,12 +2,16 @@
 
 The subprocess's output is streamed line by line into the Airflow task log; a non-zero exit fails
 the task. The step's JSON result (written to ``AIRFED_RESULT_FILE``) becomes the task's XCom.
+
+The StepCall's ``python`` is the interpreter Airflow runs in, unless ``AIRFED_STEP_PYTHON`` names
+another command (e.g. the fl-task image's environment: ``make rehearse`` runs every step there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +26,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from airfed.links import step_links
 from airfed.runners.slots import RoundSlotGuard
 from fl_tasks.contract import RESULT_FILE_ENV, SKIP_EXIT_CODE, StepCall
+
+#: Env var: the command that runs a step's ``python`` (default: this interpreter).
+STEP_PYTHON_ENV = "AIRFED_STEP_PYTHON"
 
 
 class LocalStepOperator(RoundSlotGuard, BaseOperator):
@@ -40,8 +47,10 @@ class LocalStepOperator(RoundSlotGuard, BaseOperator):
         self._proc: subprocess.Popen | None = None
 
     def _command(self) -> list[str]:
-        # The StepCall says "python"; locally that is the interpreter Airflow runs in.
-        return [sys.executable if self.argv[0] == "python" else self.argv[0], *self.argv[1:]]
+        # The StepCall says "python"; locally that is AIRFED_STEP_PYTHON, else the interpreter Airflow runs in.
+        if self.argv[0] != "python":
+            return list(self.argv)
+        return [*(shlex.split(os.environ.get(STEP_PYTHON_ENV, "")) or [sys.executable]), *self.argv[1:]]
 
     def execute(self, context: Any) -> Any:
         with tempfile.TemporaryDirectory(prefix="airfed-step-") as tmp:

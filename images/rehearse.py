@@ -408,6 +408,9 @@ class Deployment:
     airflow_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    #: shared by the API server, the scheduler and the DAG processor (the Helm chart's jwtSecret / apiSecretKey)
+    jwt_secret: str = field(default_factory=lambda: secrets.token_hex(16))
+    api_secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
     token: str | None = None
 
     def __post_init__(self) -> None:
@@ -448,9 +451,8 @@ class Deployment:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.airflow_home / 'airflow.db'}",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.airflow_home / "passwords.json"),
-            # shared by the API server and the scheduler, as the Helm chart's jwtSecret / apiSecretKey
-            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
-            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
+            "AIRFLOW__API__SECRET_KEY": self.api_secret_key,
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.airflow_port),
             "AIRFLOW__API__BASE_URL": self.airflow,
@@ -803,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="AIRFED_HOME of the deployment (default: a new temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the home (logs, DBs) after a successful run")
     ns = parser.parse_args(argv)
+    # SIGTERM (a CI timeout, a `kill`) unwinds like Ctrl-C: the finally blocks stop what was started
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     home = ns.home or Path(tempfile.mkdtemp(prefix="airfed-rehearsal-")) / "home"
     try:
         envs = build_envs(ns.cache)

@@ -578,7 +578,11 @@ class Deployment:
         return int(head["round"]) if head else 0
 
     def wait_rounds(self, rounds: int) -> list[dict]:
-        """Until HEAD reaches ``rounds`` and every DAG run of the job succeeded (one run or chained runs)."""
+        """Until HEAD reaches ``rounds`` and every DAG run of the job succeeded (one run or chained runs).
+
+        Stops at the first task that failed for good (retries spent): the rehearsal injects no faults, so
+        any such task is a defect of the deployed form, reported with its log, without waiting for the
+        rest of the run to play out."""
         deadline, last = time.monotonic() + RUN_TIMEOUT, None
         while True:
             for service in self.services:
@@ -589,7 +593,7 @@ class Deployment:
             if (head, states) != last:
                 say(f"HEAD round {head}; DAG runs: {', '.join(states) or 'none yet'}")
                 last = (head, states)
-            if "failed" in states:
+            if "failed" in states or any(self.failed_tasks(r) for r in runs if r["state"] == "running"):
                 raise RehearsalFailed(self.failure_report(runs))
             if head >= rounds and runs and all(s == "success" for s in states):
                 return runs
@@ -598,19 +602,23 @@ class Deployment:
                                       + self.failure_report(runs))
             time.sleep(5)
 
+    def task_instances(self, run: dict) -> list[dict]:
+        quoted = urllib.parse.quote(run["dag_run_id"], safe="")
+        return self.api(f"/dags/{JOB}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
+
+    def failed_tasks(self, run: dict) -> list[dict]:
+        return [ti for ti in self.task_instances(run) if ti["state"] == "failed"]
+
     def failure_report(self, runs: list[dict]) -> str:
         """The failed task instances of the job's runs, each with the last lines of its log."""
         lines = []
         for run in runs:
-            quoted = urllib.parse.quote(run["dag_run_id"], safe="")
-            tis = self.api(f"/dags/{JOB}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
-            for ti in tis:
-                if ti["state"] not in ("failed", "upstream_failed", "up_for_retry"):
+            for ti in self.task_instances(run):
+                if ti["state"] not in ("failed", "up_for_retry"):
                     continue
                 lines.append(f"- {run['dag_run_id']} {ti['task_id']}[{ti['map_index']}]: {ti['state']}")
-                if ti["state"] != "upstream_failed":
-                    lines += ["    " + line for line in self.task_log(run["dag_run_id"], ti)]
-        return "DAG run(s) failed:\n" + "\n".join(lines)
+                lines += ["    " + line for line in self.task_log(run["dag_run_id"], ti)]
+        return f"{JOB} failed (DAG runs: {', '.join(r['state'] for r in runs)}); failed tasks:\n" + "\n".join(lines)
 
     def task_log(self, run_id: str, ti: dict, lines: int = 12) -> list[str]:
         folder = self.airflow_home / "logs" / f"dag_id={JOB}" / f"run_id={run_id}" / f"task_id={ti['task_id']}"
@@ -688,7 +696,7 @@ class Deployment:
         linked_versions, links = set(), 0
         for run in runs:
             quoted = urllib.parse.quote(run["dag_run_id"], safe="")
-            for ti in self.api(f"/dags/{JOB}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]:
+            for ti in self.task_instances(run):
                 if ti["state"] != "success":
                     continue
                 query = f"?map_index={ti['map_index']}" if ti["map_index"] >= 0 else ""

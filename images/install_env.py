@@ -146,8 +146,8 @@ def check(side: str, python: str) -> None:
     present = set(installed(python))
     wrong = [name for name in FORBIDDEN[side] if name in present]
     if wrong:
-        raise SystemExit(f"install_env: the {side} environment must not contain {', '.join(wrong)} "
-                         f"(DESIGN.md, 'Two environments'): which requirement pulled it in?")
+        raise Failed(f"the {side} environment must not contain {', '.join(wrong)} "
+                     f"(DESIGN.md, 'Two environments'): which requirement pulled it in?")
     run([python, "-m", "pip", "check", "--disable-pip-version-check"])
     # From / so that the installed package is imported, never a source tree in the working directory.
     run([python, "-c", "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]", *IMPORTS[side]],
@@ -168,7 +168,21 @@ def example_data(python: str, spec: Path) -> None:
     run([python, "-c", _EXAMPLE_DATA, str(spec)], cwd="/")
 
 
+class Failed(Exception):
+    """A command of the install failed (its output is already on the terminal)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except (Failed, subprocess.CalledProcessError) as exc:
+        argv = exc.cmd if isinstance(exc, subprocess.CalledProcessError) else None
+        what = f"{' '.join(map(str, argv))[:300]} exited with {exc.returncode}" if argv else str(exc)
+        print(f"install_env: FAILED: {what}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="install_env.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 

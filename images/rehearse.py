@@ -555,7 +555,16 @@ class Deployment:
                    for c in ("metadatabase", "scheduler", "dag_processor"))
 
     def api(self, path: str) -> dict:
-        return get_json(f"{self.airflow}/api/v2{path}", self.token)
+        return self.airflow_json(f"/api/v2{path}")
+
+    def airflow_json(self, path: str) -> dict:
+        """GET an API server path as JSON; on failure, the API server's traceback (e.g. a missing module)."""
+        status, body, _ = http("GET", f"{self.airflow}{path}", token=self.token)
+        if status != 200:
+            server = next(s for s in self.services if s.name == "airflow-api-server")
+            raise RehearsalFailed(f"GET {self.airflow}{path}: {status} {body[:500]!r}; last lines of "
+                                  f"{server.log}:\n{tail(server.log, 15)}")
+        return json.loads(body)
 
     def trigger(self, rounds: int) -> str:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -645,7 +654,7 @@ class Deployment:
         # The FL jobs page (Airflow API server + the airfed plugin) reads the store: S3
         plugins = [p["name"] for p in self.api("/plugins")["plugins"]]
         check("airfed" in plugins, f"the API server did not load the airfed plugin: {plugins}")
-        data = get_json(f"{self.airflow}/airfed/api/jobs", self.token)
+        data = self.airflow_json("/airfed/api/jobs")
         job = next((j for j in data["jobs"] if j["job"] == JOB), None)
         check(job is not None and job["error"] is None and not data["problems"],
               lambda: f"/airfed/api/jobs: {json.dumps(data)[:2000]}")

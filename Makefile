@@ -1,10 +1,11 @@
-# The two commands of the README: `make demo` (install + run the example job) and `make test`.
+# The commands of the README: `make demo` (install + run the example job), `make test`, and
+# `make rehearse` (the deployed form: both image environments apart, S3, an MLflow server, Airflow).
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ROUNDS ?= 5
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint rehearse
 
 $(BIN)/airfed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# Builds (or reuses, under .rehearse/) the Airflow and fl-task images' environments with
+# images/install_env.py, deploys them on loopback and runs the digits job through the REST API.
+rehearse: install
+	$(BIN)/python images/rehearse.py --rounds 2
 
 lint: install
 	$(BIN)/ruff check .

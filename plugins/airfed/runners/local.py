@@ -2,6 +2,9 @@
 
 The subprocess's output is streamed line by line into the Airflow task log; a non-zero exit fails
 the task. The step's JSON result (written to ``AIRFED_RESULT_FILE``) becomes the task's XCom.
+
+The StepCall's ``python`` is the interpreter Airflow runs in, unless ``AIRFED_STEP_PYTHON`` names
+another command (e.g. the fl-task image's environment: ``make rehearse`` runs every step there).
 """
 
 from __future__ import annotations

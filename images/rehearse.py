@@ -727,7 +727,14 @@ class Deployment:
         return summary
 
     def resolve_link(self, name: str, url: str) -> set[tuple[str, str]]:
-        """Check one MLflow UI link against the server's REST API; the (model, version) it names."""
+        """Check one extra link against its server's REST API; the (model, version) it names.
+
+        Our links open MLflow; ``next_round``'s "Triggered DAG" (the provider's link) opens the
+        chained DAG run in Airflow's UI, which must exist."""
+        if m := re.fullmatch(re.escape(self.airflow) + r"/dags/([^/]+)/runs/([^/?#]+)", url):
+            run_id = urllib.parse.quote(urllib.parse.unquote(m.group(2)), safe="")
+            self.api(f"/dags/{m.group(1)}/dagRuns/{run_id}")
+            return set()
         check(url.startswith(f"{self.mlflow}/#/"), f"extra link {name!r} points elsewhere: {url}")
         fragment = url.split("#/", 1)[1]
         if m := re.fullmatch(r"experiments/([^/]+)/runs/([0-9a-f]+)", fragment):

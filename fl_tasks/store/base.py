@@ -7,6 +7,7 @@ Layout::
     <prefix>/<job>/rounds/<r>/global.safetensors
     <prefix>/<job>/rounds/<r>/updates/<silo>.safetensors  (+ <silo>.json)
     <prefix>/<job>/rounds/<r>/result.json
+    <prefix>/<job>/lost/<dag_run_id>.json      (a run that lost a round to another run)
 
 Every object is written with its sha256 computed while it streams; readers pass the expected
 sha256 and get :class:`ChecksumMismatch` instead of the bytes when they differ.
@@ -119,6 +120,10 @@ class JobKeys:
 
     def registry(self, r: int) -> str:
         return f"{self.round_dir(r)}/registry.json"
+
+    def lost(self, dag_run_id: str) -> str:
+        """Why a DAG run stopped on a round another run holds (:mod:`fl_tasks.commit`)."""
+        return f"{self.job}/lost/{dag_run_id.replace('/', '_')}.json"
 
     @property
     def convergence_plot(self) -> str:

@@ -155,10 +155,13 @@ def ensure_registered_model(c: MlflowClient, name: str, job: str) -> None:
         )
 
 
-def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str):
+def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str | None = None):
+    """The version of round ``r`` registered before: by the same DAG run, or holding the same global."""
     for version in c.search_model_versions(f"name = '{name}'"):
         tags = version.tags
-        if tags.get("round") == str(r) and tags.get("job") == job and tags.get("dag_run_id") == dag_run_id:
+        if tags.get("round") != str(r) or tags.get("job") != job:
+            continue
+        if tags.get("dag_run_id") == dag_run_id or (global_sha256 and tags.get("global_sha256") == global_sha256):
             return version
     return None
 

@@ -3,13 +3,17 @@
 Reads everything from the store (plan, manifests, verdicts, result, evaluations), so it can be
 re-run at any time; tag lookups make a re-run reuse the runs and version it created before.
 Writes ``registry.json`` with the round's summary (what `airfed run` prints).
+
+First, every earlier committed round that has no registry version (its register failed while MLflow
+was unreachable) is registered, in round order (:mod:`fl_tasks.registry_sync`): the registry
+converges to the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fl_tasks import lineage, report
+from fl_tasks import lineage, registry_sync, report
 from fl_tasks.paths import redact_uri
 from fl_tasks.records import Evaluation, Head, Manifest, Plan, RegistrySummary, Result, Verdict
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
@@ -68,9 +72,12 @@ def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason:
     c.set_terminated(parent.info.run_id, "FAILED")
 
 
-def run(env: StepEnv) -> None:
+def run(env: StepEnv, backfill: bool = True) -> None:
     plan = env.plan()
     r, job = env.round, env.args.job
+    if backfill:
+        with lineage.reporting_failures(f"registering the committed rounds before round {r} that have no version"):
+            registry_sync.backfill(env.store, env.keys, upto=r - 1, log=log)
     head = env.store.get_record_or_none(env.keys.head, Head)
     result = env.store.get_record_or_none(env.keys.result(r), Result)
     if head is None or head.round < r or result is None or not result.committed or result.new_global is None:
@@ -137,7 +144,7 @@ def run(env: StepEnv) -> None:
 
         model_name = plan.registry.model_name
         lineage.ensure_registered_model(c, model_name, job)
-        version = lineage.find_version(c, model_name, job, r, plan.dag_run_id)
+        version = lineage.find_version(c, model_name, job, r, plan.dag_run_id, new_global.sha256)
         if version is None:
             with scratch_dir() as tmp:
                 model_file = env.fetch(new_global, tmp)

@@ -8,48 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from round_steps import SILOS, step, train_and_commit
 
 from fl_tasks import commit
-from fl_tasks.__main__ import main as step_main
-from fl_tasks.contract import SPEC_ENV
 from fl_tasks.records import Head, LostRound, ObjectRef, Plan, Result
 from fl_tasks.store import JobKeys, open_store
-
-REPO = Path(__file__).resolve().parents[2]
-SILOS = ("us", "eu", "asia")
-
-
-@pytest.fixture
-def job(airfed_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The digits job (one local epoch), its silo data prepared, its spec in AIRFED_SPEC."""
-    from airfed.spec_loader import load_spec
-
-    from fl_tasks import prepare_data
-
-    spec = load_spec(REPO / "dags" / "digits.yaml")
-    spec = spec.model_copy(update={"training": {**spec.training, "local-epochs": 1}})
-    payload = spec.step_payload()
-    assert prepare_data.main([payload]) == 0
-    monkeypatch.setenv(SPEC_ENV, payload)
-    monkeypatch.delenv(commit.WAIT_ENV, raising=False)
-    monkeypatch.delenv(commit.LEASE_ENV, raising=False)
-    return spec.job
-
-
-def step(name: str, job: str, run_id: str, r: int | str = "next", silo: str | None = None,
-         training: str | None = None) -> int:
-    argv = [name, "--job", job, "--round", str(r), "--run-id", run_id]
-    if silo:
-        argv += ["--silo", silo]
-    if training:
-        argv += ["--training", training]
-    return step_main(argv)
-
-
-def train_and_commit(job: str, run_id: str, r: int) -> None:
-    for silo in SILOS:
-        step("train", job, run_id, r, silo)
-    step("aggregate", job, run_id, r)
 
 
 def test_second_run_finds_the_round_claimed_and_changes_nothing(job: str) -> None:

@@ -15,7 +15,16 @@ from fl_tasks.records import Head, LostRound, ObjectRef, Plan, Result
 from fl_tasks.store import JobKeys, open_store
 
 
-def test_second_run_finds_the_round_claimed_and_changes_nothing(job: str) -> None:
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, job: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The job's store on either backend (S3: moto on loopback)."""
+    if request.param == "s3":
+        monkeypatch.setenv("AIRFED_STORE_URL", request.getfixturevalue("s3_store_url"))
+    return job
+
+
+def test_second_run_finds_the_round_claimed_and_changes_nothing(backend: str) -> None:
+    job = backend
     store, keys = open_store(), JobKeys(job)
     step("distribute", job, "run-A", training='{"lr": 0.05}')
     plan_a = store.get_record(keys.plan(1), Plan)
@@ -85,9 +94,12 @@ def test_a_taken_over_claim_cannot_commit(job: str, monkeypatch) -> None:
     assert store.get_record(keys.head, Head).dag_run_id == "run-B"
 
 
-def test_commit_race_one_winner(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend_name", ["local", "s3"])
+def test_commit_race_one_winner(tmp_path: Path, backend_name: str, request: pytest.FixtureRequest) -> None:
     """Eight writers commit round 2 on top of round 1 at once: one result, one HEAD move."""
-    store, keys = open_store(f"file://{tmp_path / 'store'}"), JobKeys("race")
+    url = f"file://{tmp_path / 'store'}" if backend_name == "local" else request.getfixturevalue("s3_store_url")
+    store, keys = open_store(url), JobKeys("race")
+    store.prepare()
     g1 = ObjectRef(key=keys.global_model(2), sha256="1" * 64)
     r1 = Result(job="race", round=1, dag_run_id="first", input_global=ObjectRef(key="k", sha256="0" * 64),
                 strategy={"name": "FedAvg"}, new_global=g1)

@@ -287,10 +287,10 @@ class RegistrySummary(Record):
     train_loss: float | None = None
     metrics: dict[str, float]
     promotion_metric: str
-    promotion_value: float
+    promotion_value: float | None = Field(None, description="None: registered late, never evaluated")
     registry_model: str
     registry_version: int
-    champion_version: int
+    champion_version: int | None = Field(None, description="None: no champion yet")
     promoted: bool
     mlflow_experiment_id: str
     mlflow_run_id: str

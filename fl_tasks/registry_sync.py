@@ -80,7 +80,7 @@ def backfill(store: Store, keys: JobKeys, upto: int | None = None,
         plan = store.get_record(keys.plan(r), Plan)
         log(f"round {r}: committed by run {plan.dag_run_id} but not in the registry; registering it now")
         env = StepEnv(StepArgs("register", keys.job, r, plan.dag_run_id), store=store)
-        register.run(env, backfill=False)
+        register.run(env, late=True)
         done.append(r)
     return done
 

@@ -72,10 +72,13 @@ def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason:
     c.set_terminated(parent.info.run_id, "FAILED")
 
 
-def run(env: StepEnv, backfill: bool = True) -> None:
+def run(env: StepEnv, late: bool = False) -> None:
+    """Register the round; first (unless ``late``: this is such a backfill) every earlier committed
+    round without a version. A ``late`` round whose committing run stopped before its federated
+    evaluation is registered without a promotion value and never becomes champion."""
     plan = env.plan()
     r, job = env.round, env.args.job
-    if backfill:
+    if not late:
         with lineage.reporting_failures(f"registering the committed rounds before round {r} that have no version"):
             registry_sync.backfill(env.store, env.keys, upto=r - 1, log=log)
     head = env.store.get_record_or_none(env.keys.head, Head)
@@ -92,12 +95,15 @@ def run(env: StepEnv, backfill: bool = True) -> None:
     train_metrics = weighted(list(manifests.values()))
     eval_metrics = weighted(evaluations)
     promotion = plan.promotion
-    if promotion.metric not in eval_metrics:
+    if promotion.metric not in eval_metrics and not (late and not evaluations):
         raise RuntimeError(
             f"promotion metric {promotion.metric!r} is not among the federated evaluation metrics "
             f"{sorted(eval_metrics)}; set promotion.metric in the spec to one the ClientApp reports"
         )
-    value = eval_metrics[promotion.metric]
+    value = eval_metrics.get(promotion.metric)
+    if value is None:
+        log(f"round {r}: no federated evaluation was recorded (its run stopped before evaluate); registering it "
+            f"without {promotion.metric}, so it cannot become champion")
 
     with lineage.reporting_failures(f"registering round {r} of {job}"):
         c = lineage.client()
@@ -156,7 +162,7 @@ def run(env: StepEnv, backfill: bool = True) -> None:
                         "job": job, "round": str(r), "dag_run_id": plan.dag_run_id, "spec_hash": plan.spec_hash,
                         "global_sha256": new_global.sha256, "store_key": new_global.key,
                         "store_url": store_url, "promotion_metric": promotion.metric,
-                        "promotion_value": repr(value),
+                        **({"promotion_value": repr(value)} if value is not None else {"evaluated": "false"}),
                         **{f"update_sha256.{n}": m.sha256 for n, m in manifests.items()},
                     },
                     description=f"{job} round {r}: {plan.strategy.name} over {', '.join(manifests)}",
@@ -165,12 +171,12 @@ def run(env: StepEnv, backfill: bool = True) -> None:
         current_value = None
         if current is not None and current.version != version.version:
             current_value = float(current.tags.get("promotion_value", "nan"))
-        promoted = current is None or current.version == version.version or lineage.is_better(
+        promoted = value is not None and (current is None or current.version == version.version or lineage.is_better(
             value, current_value, promotion.direction
-        )
+        ))
         if promoted:
             c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
-        champion_version = int(version.version) if promoted else int(current.version)
+        champion_version = int(version.version) if promoted else (int(current.version) if current else None)
         c.set_terminated(run_id, "FINISHED")
         c.set_terminated(parent.info.run_id, "FINISHED")
 
@@ -198,7 +204,7 @@ def run(env: StepEnv, backfill: bool = True) -> None:
     env.store.put_record(env.keys.registry(r), summary)
     _publish_plot(env, r, summary)
     log(
-        f"round {r}: registered {model_name} v{version.version} ({promotion.metric}={value:.4f}); "
-        f"champion is v{champion_version}"
+        f"round {r}: registered {model_name} v{version.version} ({promotion.metric}="
+        f"{'not evaluated' if value is None else format(value, '.4f')}); champion is v{champion_version}"
     )
     write_result(summary.model_dump(mode="json", exclude={"schema_version"}))

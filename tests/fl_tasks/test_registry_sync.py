@@ -92,3 +92,14 @@ def test_round_committed_while_mlflow_was_down_is_registered_later(job: str, mlf
     c = lineage.client()
     champion = lineage.champion(c, model)
     assert champion is not None and champion.tags["round"] in {"1", "2", "3", "4"}
+
+    # round 5's run stopped right after the commit (no evaluate, no register): registered late, unevaluated
+    step("distribute", job, "run-5")
+    train_and_commit(job, "run-5", 5)
+    lines, failures, repaired = audit_lines(store, job, model, repair=True)
+    assert failures == 0 and repaired == [5], lines
+    (v5,) = registry_sync.versions_by_round(model, job)[5]
+    assert v5.tags["evaluated"] == "false" and "promotion_value" not in v5.tags
+    assert lineage.champion(c, model).version == champion.version  # an unevaluated round never becomes champion
+    summary5 = store.get_record(keys.registry(5), RegistrySummary)
+    assert summary5.promotion_value is None and summary5.champion_version == int(champion.version)

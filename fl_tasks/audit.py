@@ -111,6 +111,29 @@ def verify_job(store: Store, job: str, report: Report, *, round_number: int | No
     return rounds
 
 
+def verify_registry(store: Store, job: str, model_name: str, report: Report, *, repair: bool = False) -> list[int]:
+    """The registry against the store (:func:`fl_tasks.registry_sync.check`); with ``repair``, first
+    register every committed round that has no version. Returns the rounds registered. Needs MLflow."""
+    from fl_tasks import registry_sync
+
+    keys = JobKeys(job)
+    repaired: list[int] = []
+    try:
+        import mlflow  # noqa: F401 - the registry is read with the MLflow client
+    except ImportError:
+        report.fail(f"registry {model_name}", "not checked: needs the MLflow client (the fl-task image has it)")
+        return repaired
+    if repair:
+        report.emit(f"== {job} registry: registering committed rounds that have no version")
+        try:
+            repaired = registry_sync.backfill(store, keys, log=lambda m: report.emit(f"      {m}"))
+        except Exception as exc:  # noqa: BLE001 - MLflow down: a failed check, said plainly
+            report.fail(f"registry {model_name}", f"repair failed: {type(exc).__name__}: {exc}")
+    report.emit(f"== {job} registry {model_name}")
+    registry_sync.check(store, keys, model_name, report)
+    return repaired
+
+
 def _get(store: Store, key: str, model, report: Report):
     try:
         return store.get_record(key, model)

@@ -3,12 +3,20 @@
 Only server-side steps call this; silos never need MLflow credentials. Every lookup is by tags, so
 re-running a register step finds the runs and model version it created before instead of
 duplicating them.
+
+An embedded SQLite tracking store (``sqlite:///...``) is created or upgraded once, under an
+exclusive lock on ``<db>.lock`` beside the database, before this process talks to it: two steps
+(or two runs) starting at once would otherwise both run MLflow's schema migrations on the same file
+and break it (``table _alembic_tmp_... already exists``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,8 +54,47 @@ def reporting_failures(what: str):
         ) from exc
 
 
+_READY: set[str] = set()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]  # sqlite:////abs/path or sqlite:///relative/path
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def default_artifact_root() -> str:
+    """Where a SQLite store keeps artifacts (AIRFED_MLFLOW_ARTIFACTS, else ``$AIRFED_HOME/mlartifacts``)."""
+    return os.environ.get("AIRFED_MLFLOW_ARTIFACTS") or (airfed_home() / "mlartifacts").as_uri()
+
+
+def prepare_sqlite(uri: str) -> None:
+    """Create or upgrade the schema of a SQLite tracking store once, under a lock beside it."""
+    db = _sqlite_path(uri)
+    if db is None or uri in _READY:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        try:
+            store = SqlAlchemyStore(uri, default_artifact_root())
+        except MlflowException as exc:
+            if "out-of-date database schema" not in str(exc):
+                raise
+            # an older MLflow created it: upgrade with MLflow's own command, then open it
+            subprocess.run([sys.executable, "-m", "mlflow", "db", "upgrade", uri], check=True,
+                           capture_output=True, text=True)
+            store = SqlAlchemyStore(uri, default_artifact_root())
+        store.engine.dispose()
+    _READY.add(uri)
+
+
 def client() -> MlflowClient:
     uri = tracking_uri()
+    prepare_sqlite(uri)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(tracking_uri=uri)
 
@@ -59,7 +106,7 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
     artifact_root = os.environ.get("AIRFED_MLFLOW_ARTIFACTS")
     if artifact_root is None and tracking_uri().startswith("sqlite:"):
         # A SQLite store puts artifacts under ./mlruns by default; keep them in AIRFED_HOME instead.
-        artifact_root = (airfed_home() / "mlartifacts").as_uri()
+        artifact_root = default_artifact_root()
     location = f"{artifact_root.rstrip('/')}/{name.replace('/', '_')}" if artifact_root else None
     return c.create_experiment(name, artifact_location=location, tags={TAG_JOB: name})
 
@@ -108,10 +155,13 @@ def ensure_registered_model(c: MlflowClient, name: str, job: str) -> None:
         )
 
 
-def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str):
+def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str | None = None):
+    """The version of round ``r`` registered before: by the same DAG run, or holding the same global."""
     for version in c.search_model_versions(f"name = '{name}'"):
         tags = version.tags
-        if tags.get("round") == str(r) and tags.get("job") == job and tags.get("dag_run_id") == dag_run_id:
+        if tags.get("round") != str(r) or tags.get("job") != job:
+            continue
+        if tags.get("dag_run_id") == dag_run_id or (global_sha256 and tags.get("global_sha256") == global_sha256):
             return version
     return None
 

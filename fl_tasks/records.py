@@ -10,6 +10,7 @@ One model per record of the store layout (:mod:`fl_tasks.store.base`)::
     rounds/<r>/result.json           Result          (aggregate)
     rounds/<r>/evaluation/<silo>.json      Evaluation  (evaluate)
     rounds/<r>/registry.json         RegistrySummary (register)
+    lost/<dag_run_id>.json           LostRound       (distribute/aggregate of a run that lost a round)
 
 Field names are the JSON keys the store has always held, so a store written before these models
 still reads. Each record carries ``schema_version``; a record without one was written before it
@@ -287,10 +288,10 @@ class RegistrySummary(Record):
     train_loss: float | None = None
     metrics: dict[str, float]
     promotion_metric: str
-    promotion_value: float
+    promotion_value: float | None = Field(None, description="None: registered late, never evaluated")
     registry_model: str
     registry_version: int
-    champion_version: int
+    champion_version: int | None = Field(None, description="None: no champion yet")
     promoted: bool
     mlflow_experiment_id: str
     mlflow_run_id: str
@@ -298,6 +299,20 @@ class RegistrySummary(Record):
     tracking_uri: str
     started_at: float
     finished_at: float
+
+
+class LostRound(Record):
+    """``lost/<dag_run_id>.json``: a run stopped because another run holds or committed its round
+    (:mod:`fl_tasks.commit`). ``stage``: ``plan`` (the round was claimed), ``commit`` (another run
+    committed it first), ``input`` (HEAD moved past the global the round trained from)."""
+
+    job: str
+    round: int
+    dag_run_id: str
+    winner: str | None = None
+    stage: Literal["plan", "commit", "input", "conflict"]
+    reason: str
+    at: float
 
 
 R = TypeVar("R", bound=BaseModel)

@@ -13,7 +13,7 @@ def history(store: Store, keys: JobKeys, upto_round: int) -> list[dict]:
     rows = []
     for r in range(1, upto_round + 1):
         summary = store.get_record_or_none(keys.registry(r), RegistrySummary)
-        if summary is None:
+        if summary is None or summary.promotion_value is None:  # None: registered late, never evaluated
             continue
         metric = summary.promotion_metric
         silos = {}

@@ -1,19 +1,24 @@
 """aggregate: server-side guards, quorum, the strategy, then the commit (HEAD.json written last).
 
 The new global is written as the next round's ``global.safetensors`` (the model that round trains
-from), then ``result.json``, then ``HEAD.json``. A crash before HEAD leaves the previous model as
-HEAD; a retry recomputes the same keys.
+from), then ``result.json`` is *created* (the commit point: one run per round number), then HEAD is
+moved from round r-1's version to round r (:func:`fl_tasks.commit.commit_round`). Before anything
+is computed the round must be this run's (its plan) and its input global must be HEAD's global;
+otherwise the step refuses, names the run that holds the round, and writes ``lost/<run>.json``. A
+crash before HEAD leaves the previous model as HEAD; a retry finishes the commit it finds, or
+recomputes the same keys.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fl_tasks import commit
 from fl_tasks.aggregation import aggregate_files
 from fl_tasks.faults import crash_point
 from fl_tasks.guards import check_with_spec_guards
 from fl_tasks.privacy import add_gaussian_noise, clip_file, noise_stddev
-from fl_tasks.records import AcceptedUpdate, Head, ObjectRef, Plan, Result, Verdict
+from fl_tasks.records import AcceptedUpdate, ObjectRef, Plan, Result, Verdict
 from fl_tasks.spec import Quorum
 from fl_tasks.steps.common import StepEnv, current_manifest, log, missing_update_reason, now, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch
@@ -31,12 +36,18 @@ def required_silos(quorum: Quorum, n_silos: int) -> int:
 def run(env: StepEnv) -> None:
     plan = env.plan()
     r = env.round
-    head = env.store.get_record_or_none(env.keys.head, Head)
-    if head and head.round >= r:
-        result = env.store.get_record(env.keys.result(r), Result, head.result_sha256 if head.round == r else None)
-        log(f"round {r} is already committed (HEAD is round {head.round}); nothing to do")
-        write_result({**_summary(result), "reused": True})
+    done = env.store.get_record_or_none(env.keys.result(r), Result)
+    if done is not None and done.committed and done.dag_run_id == env.args.run_id:
+        head = commit.roll_forward(env.store, env.keys, log)  # finishes the commit if HEAD was not moved
+        log(f"round {r} is already committed by this run (HEAD is round {head.round if head else 0}); nothing to do")
+        write_result({**_summary(done), "reused": True})
         return
+    head, head_version = commit.head_versioned(env.store, env.keys)
+    try:
+        commit.check_input(plan, head, env.args.run_id)
+    except commit.RoundConflict as conflict:
+        commit.record_lost(env.store, env.keys, conflict)
+        raise
 
     accepted: dict[str, AcceptedUpdate] = {}
     rejected: dict[str, str] = {}
@@ -61,7 +72,7 @@ def run(env: StepEnv) -> None:
                 f"round {r}: only {len(accepted)} accepted update(s) ({', '.join(accepted) or 'none'}), "
                 f"quorum needs {need}; HEAD stays at round {head.round if head else 0}"
             )
-            env.store.put_record(env.keys.result(r), Result(
+            commit.record_uncommitted(env.store, env.keys, Result(
                 job=env.args.job, round=r, dag_run_id=plan.dag_run_id, committed=False, reason=message,
                 accepted=accepted, rejected=rejected, input_global=plan.input_global,
             ))
@@ -106,21 +117,12 @@ def run(env: StepEnv) -> None:
         server_state=server_state,
         committed_at=now(),
     )
-    result_sha = env.store.put_record(env.keys.result(r), result)
-    crash_point("aggregate:before-head")
-    env.store.put_record(
-        env.keys.head,
-        Head(
-            job=env.args.job,
-            round=r,
-            global_key=new_global.key,
-            global_sha256=new_global.sha256,
-            result_key=env.keys.result(r),
-            result_sha256=result_sha,
-            server_state=server_state,
-            dag_run_id=plan.dag_run_id,
-        ),
-    )
+    try:
+        commit.commit_round(env.store, env.keys, result, head, head_version,
+                            before_head=lambda: crash_point("aggregate:before-head"))
+    except commit.RoundConflict as conflict:
+        commit.record_lost(env.store, env.keys, conflict)
+        raise
     log(
         f"round {r}: {strategy.name} over {len(accepted)} update(s) "
         f"({', '.join(accepted)}); committed global {new_global.sha256[:12]}"

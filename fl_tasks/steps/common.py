@@ -51,10 +51,13 @@ class StepEnv:
         return self.args.round
 
     def plan(self) -> Plan:
-        plan = self.store.get_record_or_none(self.keys.plan(self.round), Plan)
+        return self.plan_of(self.round)
+
+    def plan_of(self, r: int) -> Plan:
+        plan = self.store.get_record_or_none(self.keys.plan(r), Plan)
         if plan is None:
             raise RuntimeError(
-                f"no plan for round {self.round} at {self.store.describe(self.keys.plan(self.round))}; "
+                f"no plan for round {r} at {self.store.describe(self.keys.plan(r))}; "
                 "the distribute step of this round has not run"
             )
         return plan

@@ -4,6 +4,12 @@ The round is HEAD's round + 1. A retry within the same DAG run (one DAG run is o
 its own plan and reuses it, so re-running is idempotent. Round 1's global comes from the spec's
 model factory or seed file; later rounds train from the global that the previous round's aggregate
 committed.
+
+The plan is *claimed* (:func:`fl_tasks.commit.claim_plan`: created only if the round has none), so
+a second run on the job learns that the round is taken before anything trains. It then stops
+(default), or with ``AIRFED_CLAIM_WAIT_SECONDS`` set waits that long for the other run to commit
+the round and plans the next one from the new HEAD. Round 1's initial global is uploaded only once
+the claim is won, so a losing run writes nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +17,15 @@ from __future__ import annotations
 import math
 import os
 import random
+from pathlib import Path
 
+from fl_tasks import commit
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.paths import expand_path
 from fl_tasks.records import Head, ObjectRef, Plan, PlanSilo, RegistryNames, Sampling
 from fl_tasks.spec import JobSpec
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
+from fl_tasks.store import ChecksumMismatch, ObjectMissing, sha256_file
 
 
 def _spec() -> JobSpec:
@@ -47,46 +56,90 @@ def sample_silos(names: list[str], fraction: float, seed: int, job: str, r: int,
     return sorted(rng.sample(names, size), key=names.index)
 
 
-def _initial_global(env: StepEnv, spec: JobSpec, r: int) -> ObjectRef:
-    key = env.keys.global_model(r)
+def _initial_global(env: StepEnv, spec: JobSpec, r: int, tmp: Path) -> Path:
+    """The initial global model as a local file (uploaded once the round's claim is won)."""
     model = spec.model
-    with scratch_dir() as tmp:
-        path = tmp / "global.safetensors"
-        if model.seed:
-            seed = expand_path(model.seed)
-            log(f"round {r}: initial global model from seed file {seed}")
-            sha = env.store.put_file(key, seed)
-        else:
-            # torch and the user's model code are needed only here, for round 1
-            from fl_tasks.bridge import load_object
-            from fl_tasks.weights import save_state_dict
+    if model.seed:
+        seed = expand_path(model.seed)
+        log(f"round {r}: initial global model from seed file {seed}")
+        return Path(seed)
+    # torch and the user's model code are needed only here, for round 1
+    from fl_tasks.bridge import load_object
+    from fl_tasks.weights import save_state_dict
 
-            factory = load_object(model.init)
-            state = factory()
-            log(f"round {r}: initial global model from {model.init} ({len(state)} tensors)")
-            save_state_dict(state, path, metadata={"job": env.args.job, "round": str(r)})
-            sha = env.store.put_file(key, path)
-    return ObjectRef(key=key, sha256=sha)
+    path = tmp / "global.safetensors"
+    factory = load_object(model.init)
+    state = factory()
+    log(f"round {r}: initial global model from {model.init} ({len(state)} tensors)")
+    save_state_dict(state, path, metadata={"job": env.args.job, "round": str(r)})
+    return path
+
+
+def _publish_initial(env: StepEnv, spec: JobSpec, plan: Plan, path: Path | None = None) -> None:
+    """Make sure a round-1 plan's initial global is in the store with the plan's sha256 (uploaded
+    after the claim, so a retry after a crash in between uploads it; a model factory that does not
+    reproduce its bytes gets the plan's reference replaced, the round being this run's own)."""
+    ref = plan.input_global
+    if plan.previous_head is not None:
+        return
+    with scratch_dir() as tmp:
+        try:
+            env.store.get_file(ref.key, tmp / "check.safetensors", ref.sha256)
+            return
+        except (ObjectMissing, ChecksumMismatch):
+            pass
+        path = path or _initial_global(env, spec, plan.round, tmp)
+        sha = env.store.put_file(ref.key, path)
+        if sha != ref.sha256:
+            _, version = env.store.get_versioned(env.keys.plan(plan.round))
+            fixed = plan.model_copy(update={"input_global": ObjectRef(key=ref.key, sha256=sha)})
+            env.store.replace_record_if(env.keys.plan(plan.round), fixed, version)
 
 
 def run(env: StepEnv) -> None:
     spec = _spec()
     env.store.prepare()
+    wait = commit.claim_wait_seconds()
+    deadline = now() + wait
+    commit.roll_forward(env.store, env.keys, log)
+    while True:
+        try:
+            return _plan_round(env, spec)
+        except commit.RoundClaimed as conflict:
+            try:
+                if wait <= 0:
+                    raise
+                commit.wait_for_commit(env.store, env.keys, conflict, max(0.0, deadline - now()), log)
+            except commit.RoundClaimed as final:
+                commit.record_lost(env.store, env.keys, final)
+                raise
+
+
+def _plan_round(env: StepEnv, spec: JobSpec) -> None:
     head = env.store.get_record_or_none(env.keys.head, Head)
     r = _choose_round(env, head)
     existing = env.store.get_record_or_none(env.keys.plan(r), Plan)
     if existing and existing.dag_run_id == env.args.run_id:
         log(f"round {r} already planned by this run; reusing its plan")
+        _publish_initial(env, spec, existing)
+        existing = env.plan_of(r)
         write_result({"round": r, "input_global": existing.input_global.model_dump(), "reused": True})
         return
 
+    with scratch_dir() as tmp:
+        _claim(env, spec, head, r, tmp)
+
+
+def _claim(env: StepEnv, spec: JobSpec, head: Head | None, r: int, tmp: Path) -> None:
+    initial = None
     if head:
         global_ref = head.global_ref
         if not env.store.exists(global_ref.key):
             raise RuntimeError(f"HEAD points at {env.store.describe(global_ref.key)}, which does not exist")
         log(f"round {r}: training from the global model committed by round {head.round}")
     else:
-        global_ref = _initial_global(env, spec, r)
+        initial = _initial_global(env, spec, r, tmp)
+        global_ref = ObjectRef(key=env.keys.global_model(r), sha256=sha256_file(initial))
 
     # the strategy's client-side parameters (FedProx's proximal_mu) unless the training config sets them
     training = {**spec.strategy.client_config(), **spec.training, **(env.args.training or {})}
@@ -115,6 +168,11 @@ def run(env: StepEnv) -> None:
         input_global=global_ref,
         previous_head=head,
     )
-    env.store.put_record(env.keys.plan(r), plan)
-    log(f"round {r}: planned; training on {', '.join(sampled)} of {len(names)} silos; config {training}")
-    write_result({"round": r, "input_global": global_ref.model_dump(), "reused": False})
+    owned = commit.claim_plan(env.store, env.keys, plan, log)
+    _publish_initial(env, spec, owned, initial if owned is plan else None)
+    if owned is not plan:
+        log(f"round {r} already planned by this run; reusing its plan")
+        owned = env.plan_of(r)
+    else:
+        log(f"round {r}: planned; training on {', '.join(sampled)} of {len(names)} silos; config {training}")
+    write_result({"round": r, "input_global": owned.input_global.model_dump(), "reused": owned is not plan})

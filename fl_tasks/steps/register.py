@@ -3,13 +3,17 @@
 Reads everything from the store (plan, manifests, verdicts, result, evaluations), so it can be
 re-run at any time; tag lookups make a re-run reuse the runs and version it created before.
 Writes ``registry.json`` with the round's summary (what `airfed run` prints).
+
+First, every earlier committed round that has no registry version (its register failed while MLflow
+was unreachable) is registered, in round order (:mod:`fl_tasks.registry_sync`): the registry
+converges to the store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fl_tasks import lineage, report
+from fl_tasks import lineage, registry_sync, report
 from fl_tasks.paths import redact_uri
 from fl_tasks.records import Evaluation, Head, Manifest, Plan, RegistrySummary, Result, Verdict
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
@@ -73,9 +77,15 @@ def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason:
     c.set_terminated(parent.info.run_id, "FAILED")
 
 
-def run(env: StepEnv) -> None:
+def run(env: StepEnv, late: bool = False) -> None:
+    """Register the round; first (unless ``late``: this is such a backfill) every earlier committed
+    round without a version. A ``late`` round whose committing run stopped before its federated
+    evaluation is registered without a promotion value and never becomes champion."""
     plan = env.plan()
     r, job = env.round, env.args.job
+    if not late:
+        with lineage.reporting_failures(f"registering the committed rounds before round {r} that have no version"):
+            registry_sync.backfill(env.store, env.keys, upto=r - 1, log=log)
     head = env.store.get_record_or_none(env.keys.head, Head)
     result = env.store.get_record_or_none(env.keys.result(r), Result)
     if head is None or head.round < r or result is None or not result.committed or result.new_global is None:
@@ -90,12 +100,15 @@ def run(env: StepEnv) -> None:
     train_metrics = weighted(list(manifests.values()))
     eval_metrics = weighted(evaluations)
     promotion = plan.promotion
-    if promotion.metric not in eval_metrics:
+    if promotion.metric not in eval_metrics and not (late and not evaluations):
         raise RuntimeError(
             f"promotion metric {promotion.metric!r} is not among the federated evaluation metrics "
             f"{sorted(eval_metrics)}; set promotion.metric in the spec to one the ClientApp reports"
         )
-    value = eval_metrics[promotion.metric]
+    value = eval_metrics.get(promotion.metric)
+    if value is None:
+        log(f"round {r}: no federated evaluation was recorded (its run stopped before evaluate); registering it "
+            f"without {promotion.metric}, so it cannot become champion")
 
     with lineage.reporting_failures(f"registering round {r} of {job}"):
         c = lineage.client()
@@ -142,7 +155,7 @@ def run(env: StepEnv) -> None:
 
         model_name = plan.registry.model_name
         lineage.ensure_registered_model(c, model_name, job)
-        version = lineage.find_version(c, model_name, job, r, plan.dag_run_id)
+        version = lineage.find_version(c, model_name, job, r, plan.dag_run_id, new_global.sha256)
         if version is None:
             with scratch_dir() as tmp:
                 model_file = env.fetch(new_global, tmp)
@@ -154,7 +167,7 @@ def run(env: StepEnv) -> None:
                         "job": job, "round": str(r), "dag_run_id": plan.dag_run_id, "spec_hash": plan.spec_hash,
                         "global_sha256": new_global.sha256, "store_key": new_global.key,
                         "store_url": store_url, "promotion_metric": promotion.metric,
-                        "promotion_value": repr(value),
+                        **({"promotion_value": repr(value)} if value is not None else {"evaluated": "false"}),
                         **{f"update_sha256.{n}": m.sha256 for n, m in manifests.items()},
                     },
                     description=f"{job} round {r}: {plan.strategy.name} over {', '.join(manifests)}",
@@ -163,12 +176,12 @@ def run(env: StepEnv) -> None:
         current_value = None
         if current is not None and current.version != version.version:
             current_value = float(current.tags.get("promotion_value", "nan"))
-        promoted = current is None or current.version == version.version or lineage.is_better(
+        promoted = value is not None and (current is None or current.version == version.version or lineage.is_better(
             value, current_value, promotion.direction
-        )
+        ))
         if promoted:
             c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
-        champion_version = int(version.version) if promoted else int(current.version)
+        champion_version = int(version.version) if promoted else (int(current.version) if current else None)
         c.set_terminated(run_id, "FINISHED")
         c.set_terminated(parent.info.run_id, "FINISHED")
 
@@ -196,7 +209,7 @@ def run(env: StepEnv) -> None:
     env.store.put_record(env.keys.registry(r), summary)
     _publish_plot(env, r, summary)
     log(
-        f"round {r}: registered {model_name} v{version.version} ({promotion.metric}={value:.4f}); "
-        f"champion is v{champion_version}"
+        f"round {r}: registered {model_name} v{version.version} ({promotion.metric}="
+        f"{'not evaluated' if value is None else format(value, '.4f')}); champion is v{champion_version}"
     )
     write_result(summary.model_dump(mode="json", exclude={"schema_version"}))

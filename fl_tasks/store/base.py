@@ -7,6 +7,7 @@ Layout::
     <prefix>/<job>/rounds/<r>/global.safetensors
     <prefix>/<job>/rounds/<r>/updates/<silo>.safetensors  (+ <silo>.json)
     <prefix>/<job>/rounds/<r>/result.json
+    <prefix>/<job>/lost/<dag_run_id>.json      (a run that lost a round to another run)
 
 Every object is written with its sha256 computed while it streams; readers pass the expected
 sha256 and get :class:`ChecksumMismatch` instead of the bytes when they differ.
@@ -35,6 +36,15 @@ class StoreError(RuntimeError):
 
 class ObjectMissing(StoreError):
     """The key does not exist."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write lost: :meth:`Store.create` found the key already there, or
+    :meth:`Store.replace_if` found another version than the one it was given. Nothing was written."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 class ChecksumMismatch(StoreError):
@@ -111,6 +121,10 @@ class JobKeys:
     def registry(self, r: int) -> str:
         return f"{self.round_dir(r)}/registry.json"
 
+    def lost(self, dag_run_id: str) -> str:
+        """Why a DAG run stopped on a round another run holds (:mod:`fl_tasks.commit`)."""
+        return f"{self.job}/lost/{dag_run_id.replace('/', '_')}.json"
+
     @property
     def convergence_plot(self) -> str:
         return f"{self.job}/reports/convergence.png"
@@ -146,6 +160,26 @@ class Store(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Small bytes and their version token (S3: the ETag; local: the sha256), for
+        :meth:`replace_if`. Raises :class:`ObjectMissing` if absent."""
+
+    @abstractmethod
+    def create(self, key: str, data: bytes) -> str:
+        """Store small bytes only if ``key`` does not exist yet; return their sha256.
+
+        Raises :class:`PreconditionFailed` if it exists with other bytes. If it already holds these
+        very bytes the call succeeds (a retried create whose first attempt did land)."""
+
+    @abstractmethod
+    def replace_if(self, key: str, data: bytes, version: str) -> str:
+        """Replace small bytes only if the stored version is still ``version`` (from
+        :meth:`get_versioned`); return their sha256.
+
+        Raises :class:`PreconditionFailed` if the object changed or vanished meanwhile. If it already
+        holds these very bytes the call succeeds (a retried replace whose first attempt did land)."""
 
     def prepare(self) -> None:  # noqa: B027 - optional hook; most backends need nothing
         """Create what the store needs (directory, bucket). Called by the distribute step."""
@@ -188,6 +222,19 @@ class Store(ABC):
             if actual != sha256:
                 raise ChecksumMismatch(self.describe(key), sha256, actual)
         return records.parse(model, data, self.describe(key))
+
+    def create_record(self, key: str, record: BaseModel) -> str:
+        """:meth:`create` for a record: write it only if ``key`` does not exist yet."""
+        return self.create(key, records.dump(record))
+
+    def replace_record_if(self, key: str, record: BaseModel, version: str) -> str:
+        """:meth:`replace_if` for a record."""
+        return self.replace_if(key, records.dump(record), version)
+
+    def get_record_versioned(self, key: str, model: type[R]) -> tuple[R, str, str]:
+        """``(record, version, sha256)`` of ``key``, for a later :meth:`replace_record_if`."""
+        data, version = self.get_versioned(key)
+        return records.parse(model, data, self.describe(key)), version, sha256_bytes(data)
 
     def get_record_or_none(self, key: str, model: type[R]) -> R | None:
         try:

@@ -2,17 +2,25 @@
 
 Same layout and commit rule as S3. Every write goes to a temporary file renamed into place, so a
 reader never sees half an object and a crash leaves either the old object or the new one.
+
+Conditional writes, for records that more than one writer may race for (plans, results, HEAD):
+``create`` links a fully written temporary file to the key (``os.link`` fails if the key exists,
+atomically, on every POSIX filesystem); ``replace_if`` takes an exclusive ``flock`` on a lock file
+beside the key (``.<name>.lock``, hidden from :meth:`list`), compares the current content's sha256
+(the version token) and renames the new content into place. Every conditional writer of a key goes
+through that lock, so a compare and its replace are one step; plain readers need no lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from fl_tasks.store.base import CHUNK, ChecksumMismatch, ObjectMissing, Store, sha256_bytes
+from fl_tasks.store.base import CHUNK, ChecksumMismatch, ObjectMissing, PreconditionFailed, Store, sha256_bytes
 
 
 class LocalStore(Store):
@@ -26,7 +34,9 @@ class LocalStore(Store):
             raise ValueError(f"store key {key!r} escapes the store root {self.root}")
         return path
 
-    def _atomic_write(self, key: str, write) -> str:
+    def _atomic_write(self, key: str, write, *, exclusive: bool = False) -> str:
+        """Write through a temporary file, then rename it over the key (or, ``exclusive``, link it
+        to the key, which fails if the key exists: :class:`FileExistsError`)."""
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -35,11 +45,22 @@ class LocalStore(Store):
                 digest = write(out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, target)
+            if exclusive:
+                os.link(tmp, target)
+                Path(tmp).unlink()
+            else:
+                os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return digest
+
+    def _write_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> str:
+        def write(out) -> str:
+            out.write(data)
+            return sha256_bytes(data)
+
+        return self._atomic_write(key, write, exclusive=exclusive)
 
     def prepare(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -56,11 +77,37 @@ class LocalStore(Store):
         return self._atomic_write(key, write)
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        def write(out) -> str:
-            out.write(data)
-            return sha256_bytes(data)
+        return self._write_bytes(key, data)
 
-        return self._atomic_write(key, write)
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, sha256_bytes(data)
+
+    def create(self, key: str, data: bytes) -> str:
+        try:
+            return self._write_bytes(key, data, exclusive=True)
+        except FileExistsError:
+            if self._path(key).read_bytes() == data:
+                return sha256_bytes(data)
+            raise PreconditionFailed(f"{self.describe(key)} already exists", key) from None
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(f".{target.name}.lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+            try:
+                current = target.read_bytes()
+            except FileNotFoundError:
+                raise PreconditionFailed(f"{self.describe(key)} does not exist (expected version {version[:12]})",
+                                         key) from None
+            if current == data:
+                return sha256_bytes(data)
+            if sha256_bytes(current) != version:
+                raise PreconditionFailed(
+                    f"{self.describe(key)} changed: it is version {sha256_bytes(current)[:12]}, not {version[:12]}", key
+                )
+            return self._write_bytes(key, data)
 
     def get_bytes(self, key: str) -> bytes:
         try:

@@ -14,6 +14,15 @@ difference means the file changed underneath and the upload is removed. Download
 chunk by chunk while hashing, checked against the expected sha256 (or the recorded metadata), and
 an interrupted download resumes with a ranged GET pinned to the first response's ETag.
 
+Conditional writes (``create``: ``If-None-Match: *``; ``replace_if``: ``If-Match: <ETag>``) are
+single-part PUTs of small records, which S3, MinIO and moto all evaluate atomically; a lost condition
+(HTTP 412 ``PreconditionFailed``) raises :class:`PreconditionFailed` at once, and a concurrent
+conditional write still in flight (409 ``ConditionalRequestConflict``) is retried like a transient
+error. minio 7.2's ``put_object`` takes no request headers, so the condition travels as the headers
+of its ``sse`` argument (:class:`_Condition`), which minio sends unprefixed on a single-part PUT. A
+retried conditional PUT whose first attempt landed would read as lost; so a failed condition is
+re-checked against the stored bytes, and identical bytes count as success.
+
 Errors: transient failures (connection refused/reset, timeouts, HTTP 5xx, ``SlowDown``,
 ``RequestTimeout``) are retried with exponential backoff, ``AIRFED_S3_RETRIES`` times per operation
 (default 5; base delay ``AIRFED_S3_BACKOFF`` seconds, default 0.5). Each HTTP request inside an
@@ -45,11 +54,12 @@ from minio import Minio
 from minio.credentials import IamAwsProvider, Provider, StaticProvider
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.sse import Sse
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import MaxRetryError, SSLError
 from urllib3.util import Retry, Timeout
 
-from fl_tasks.store.base import CHUNK, ChecksumMismatch, ObjectMissing, Store, StoreError
+from fl_tasks.store.base import CHUNK, ChecksumMismatch, ObjectMissing, PreconditionFailed, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,8 @@ MAX_BACKOFF = 8.0
 TRANSPORT_RETRIES = 2
 
 MISSING_CODES = {"NoSuchKey", "NoSuchObject"}
+CONDITION_CODES = {"PreconditionFailed"}
+MAX_CONDITIONAL = 5 * MIB  # minio's smallest part: below it put_object is one PUT, which carries the condition
 READ_OPS = {"get", "stat", "list"}  # a missing bucket reads as an empty store, as a missing directory does
 TRANSIENT_CODES = {
     "SlowDown",
@@ -75,6 +87,7 @@ TRANSIENT_CODES = {
     "ServiceUnavailable",
     "OperationAborted",
     "XMinioServerNotInitialized",
+    "ConditionalRequestConflict",
 }
 HINTS = {
     "AccessDenied": "the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY are not allowed to do this "
@@ -92,6 +105,20 @@ HINTS = {
     "InvalidBucketName": "{bucket} is not a valid S3 bucket name",
     "BucketAlreadyExists": "bucket name {bucket} is taken by another account; pick another bucket",
 }
+
+
+class _Condition(Sse):
+    """Request headers for one conditional PUT, in the only public place minio 7.2's ``put_object``
+    accepts them: ``sse.headers()`` is merged unprefixed into a single-part PUT's headers."""
+
+    def __init__(self, headers: dict[str, str]):
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
+
+    def tls_required(self) -> bool:
+        return False
 
 
 class _Restart(Exception):
@@ -275,6 +302,8 @@ class S3Store(Store):
             reason = f"{code}: {exc.message}" if exc.message else code
             if code in MISSING_CODES:
                 return "missing", reason
+            if code in CONDITION_CODES:
+                return "condition", reason
             status = getattr(exc.response, "status", 0) or 0
             if code in TRANSIENT_CODES or status >= 500 or status == 429:
                 return "transient", reason
@@ -309,6 +338,8 @@ class S3Store(Store):
                     raise
                 if kind == "missing":
                     raise ObjectMissing(f"{where} does not exist") from None
+                if kind == "condition":
+                    raise PreconditionFailed(f"{where}: the write condition failed ({reason})", key or "") from None
                 if op in READ_OPS and isinstance(exc, S3Error) and exc.code == "NoSuchBucket":
                     # Like a local store whose directory is not created yet: reads find nothing.
                     raise ObjectMissing(
@@ -396,22 +427,53 @@ class S3Store(Store):
         return sha
 
     def get_bytes(self, key: str) -> bytes:
+        return self.get_versioned(key)[0]
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
         name = self._name(key)
 
-        def download() -> tuple[bytes, str | None]:
+        def download() -> tuple[bytes, str | None, str]:
             resp = self._client.get_object(self.bucket, name)
             try:
-                return resp.read(), resp.headers.get(f"x-amz-meta-{SHA256_META}")
+                return resp.read(), resp.headers.get(f"x-amz-meta-{SHA256_META}"), resp.headers.get("ETag", "")
             finally:
                 resp.close()
                 resp.release_conn()
 
-        data, recorded = self._call("get", key, download)
+        data, recorded, etag = self._call("get", key, download)
         if recorded:
             actual = hashlib.sha256(data).hexdigest()
             if actual != recorded:
                 raise ChecksumMismatch(self.describe(key), recorded, actual)
-        return data
+        return data, etag
+
+    def _put_if(self, key: str, data: bytes, condition: dict[str, str], what: str) -> str:
+        """One conditional single-part PUT; identical bytes already stored count as success."""
+        if len(data) >= MAX_CONDITIONAL:
+            raise ValueError(f"{self.describe(key)}: conditional writes are for records under {MAX_CONDITIONAL} bytes")
+        name = self._name(key)
+        sha = hashlib.sha256(data).hexdigest()
+
+        def upload() -> None:
+            self._client.put_object(self.bucket, name, io.BytesIO(data), len(data),
+                                    metadata={SHA256_META: sha}, sse=_Condition(condition))
+
+        try:
+            self._call("put", key, upload)
+        except (PreconditionFailed, ObjectMissing):  # If-Match on a vanished object answers 404
+            try:
+                if self.get_bytes(key) == data:
+                    return sha
+            except ObjectMissing:
+                pass
+            raise PreconditionFailed(f"{self.describe(key)} {what}", key) from None
+        return sha
+
+    def create(self, key: str, data: bytes) -> str:
+        return self._put_if(key, data, {"If-None-Match": "*"}, "already exists")
+
+    def replace_if(self, key: str, data: bytes, version: str) -> str:
+        return self._put_if(key, data, {"If-Match": version}, f"changed (or vanished) since version {version}")
 
     def get_file(self, key: str, dest: str | Path, sha256: str | None = None) -> str:
         """Stream to ``dest`` via a temporary file; verify ``sha256`` (else the object's metadata)."""

@@ -48,7 +48,12 @@ def add_commands(subparsers: Any) -> None:
     verify.add_argument("spec")
     which = verify.add_mutually_exclusive_group()
     which.add_argument("--round", type=int, default=None, help="round to verify (default: HEAD's round)")
-    which.add_argument("--all", action="store_true", help="verify every committed round")
+    which.add_argument("--all", action="store_true",
+                       help="verify every committed round, and that the MLflow registry has exactly one version per "
+                       "committed round holding the store's committed global (sha256)")
+    verify.add_argument("--repair", action="store_true",
+                        help="first register every committed round that has no registry version (in round order), "
+                        "then verify as with --all")
     verify.add_argument("--tolerance", type=float, default=0.0,
                         help="accept recomputed tensors within this absolute difference (e.g. when verifying "
                         "on another CPU architecture, whose float summation order may differ); default exact")
@@ -120,8 +125,14 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
     spec = load_spec(ns.spec)
     store = open_store()
     report = audit.Report()
-    rounds = audit.verify_job(store, spec.job, report, round_number=ns.round, all_rounds=ns.all,
+    all_rounds = ns.all or ns.repair
+    if ns.repair and ns.round is not None:
+        print("airfed verify: error: --repair checks every round; leave out --round", file=sys.stderr)
+        return 2
+    rounds = audit.verify_job(store, spec.job, report, round_number=ns.round, all_rounds=all_rounds,
                               tolerance=ns.tolerance)
+    if rounds is not None and all_rounds:
+        audit.verify_registry(store, spec.job, spec.model_name, report, repair=ns.repair)
     if rounds is None:
         print(f"job {spec.job}: nothing committed in {store.describe(f'{spec.job}/HEAD.json')}", file=sys.stderr)
         return 1

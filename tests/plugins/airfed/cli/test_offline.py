@@ -192,7 +192,8 @@ JOB = "verifyjob"
 
 @pytest.fixture(scope="module")
 def committed(tmp_path_factory):
-    """Two rounds of a FedAdam job, run by the real step modules against a local store."""
+    """Two rounds of a FedAdam job, run by the real step modules against a local store and registered
+    in the embedded MLflow (so ``verify --all`` can check the registry against the store)."""
     from airfed.spec import load_spec
 
     root = tmp_path_factory.mktemp("verify")
@@ -209,6 +210,7 @@ def committed(tmp_path_factory):
     }))
     spec = load_spec(spec_path)
     env = {"AIRFED_HOME": str(home), "AIRFED_STORE_URL": f"file://{home / 'store'}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
            "AIRFED_SPEC": spec.step_payload(), "PYTHONPATH": str(REPO)}
     mp = pytest.MonkeyPatch()
     for key, value in env.items():
@@ -225,6 +227,9 @@ def committed(tmp_path_factory):
                 for silo in ("north", "south"):
                     step([stage, "--job", JOB, "--round", str(rnd), "--run-id", run_id, "--silo", silo])
             step(["aggregate", "--job", JOB, "--round", str(rnd), "--run-id", run_id])
+            for silo in ("north", "south"):
+                step(["evaluate", "--job", JOB, "--round", str(rnd), "--run-id", run_id, "--silo", silo])
+            step(["register", "--job", JOB, "--round", str(rnd), "--run-id", run_id])
     finally:
         mp.undo()
     return spec_path, home
@@ -256,6 +261,8 @@ def test_verify_passes_on_committed_rounds(committed):
         assert f"ok    {JOB}/rounds/{r}/server_state.safetensors: recomputed FedAdam" in out
     assert f"ok    {JOB}/rounds/2/result.json: sha256 matches HEAD.json's result_sha256" in out
     assert f"ok    {JOB}/rounds/1/result.json: sha256 matches round 2's plan" in out
+    for r in (1, 2):
+        assert f"round {r}: global_sha256 matches the store's committed global" in out
     assert "verified" in out.splitlines()[-1]
 
     default = verify(spec_path, home)  # HEAD's round only

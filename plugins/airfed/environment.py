@@ -15,7 +15,6 @@ from typing import TextIO
 from fl_tasks.spec import JobSpec
 from fl_tasks.store import airfed_home
 
-
 #: How many steps run at once on the embedded default (default: the machine's cores).
 PARALLELISM_ENV = "AIRFED_PARALLELISM"
 

@@ -243,7 +243,8 @@ def test_server_survives_its_caller(warm):
     launcher, env = warm
     code = (
         "import os, sys; from fl_tasks.warm import WarmLauncher, run; "
-        f"sys.exit(run(WarmLauncher(idle_timeout=120, fallback=False, default_preload=False), {HELPER!r} + ['ok', '1'], "
+        "launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False); "
+        f"sys.exit(run(launcher, {HELPER!r} + ['ok', '1'], "
         f"{env!r}, {HERE!r}))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -256,7 +257,8 @@ def test_concurrent_first_use_starts_one_server(warm):
     codes: list[int] = []
 
     def one() -> None:
-        codes.append(run_helper(WarmLauncher(idle_timeout=120, fallback=False, default_preload=False), env, "ok", "1")[0])
+        launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False)
+        codes.append(run_helper(launcher, env, "ok", "1")[0])
 
     threads = [threading.Thread(target=one) for _ in range(3)]
     for thread in threads:

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from airfed.runners.local import LocalStepOperator, local_task
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from helpers import EXAMPLE_SPEC, REPO, TESTS, stop_warm_servers
 
-from airfed.runners.local import LocalStepOperator, local_task
 from fl_tasks.warm import SubprocessLauncher, WarmLauncher, launcher_from_env, step_command, step_python
 
 HELPER = ["python", "-m", "airfed_step_helper"]
@@ -123,7 +123,8 @@ def gone(pid: int, timeout: float = 20.0) -> bool:
 
 def test_the_launcher_is_the_one_the_env_selects(launcher_kind):
     first = run_logged(helper_task("ok", "1"))[1][0]
-    assert first.startswith(f"Running {sys.executable} -m airfed_step_helper ok 1") and first.endswith(f"({launcher_kind})")
+    assert first.startswith(f"Running {sys.executable} -m airfed_step_helper ok 1")
+    assert first.endswith(f"({launcher_kind})")
     expected = WarmLauncher if launcher_kind == "warm" else SubprocessLauncher
     assert isinstance(launcher_from_env(), expected)
 

@@ -1,6 +1,14 @@
-"""Per-step overhead of the warm launcher vs the plain subprocess launcher, same real steps.
+"""Per-step overhead and round wall time of the warm launcher vs the plain subprocess launcher.
 
-    python bench/round_overhead.py [--rounds 2] [--spec dags/digits.yaml]
+    python bench/round_overhead.py [--rounds 2] [--spec dags/digits.yaml] [--run-rounds 4]
+
+Part 1, ``round_ratio``: the example round as a user runs it, ``airfed run SPEC --rounds N --json``
+(one ``dag.test()`` per round) on each path (``AIRFED_STEP_LAUNCHER=warm|subprocess``), each with
+its own AIRFED_HOME; the per-round seconds come from the run's JSON summary. The first round of an
+invocation pays one-time costs on both paths (Airflow's in-process API, the warm server start if
+none runs), so the ratio is taken over the rounds after the first: ``round_ratio=<warm/subprocess>``.
+
+Part 2, ``step_overhead_ratio``:
 
 Runs every step of the example job's rounds (distribute, train/validate per silo, aggregate,
 evaluate per silo, register: 12 steps a round) through both launchers, side by side in one run,
@@ -73,19 +81,54 @@ def run_round(launcher, calls, rnd_template: str, run_id: str, env: dict[str, st
     return rows
 
 
+def round_walls(spec_path: str, rounds: int, tmp: Path) -> dict[str, list[float]]:
+    """Per-round seconds of ``airfed run SPEC --rounds N`` on each launcher path."""
+    from fl_tasks.warm import stop_servers
+
+    walls: dict[str, list[float]] = {}
+    for name in ("subprocess", "warm"):
+        home = tmp / f"run-{name}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
+        env.update(AIRFED_HOME=str(home), AIRFED_STEP_LAUNCHER=name)
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "airfed.cli", "run", spec_path, "--rounds", str(rounds), "--json"],
+                              capture_output=True, text=True, env=env, cwd=REPO)
+        total = time.perf_counter() - started
+        stop_servers(home / "run")
+        if proc.returncode != 0:
+            raise SystemExit(f"airfed run ({name}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        walls[name] = [r["seconds"] for r in summary["rounds"]]
+        print(f"airfed run ({name}): {total:.1f}s for {rounds} rounds; per round "
+              + " ".join(f"{w:.1f}s" for w in walls[name]), flush=True)
+    return walls
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the per-step comparison")
+    parser.add_argument("--run-rounds", type=int, default=4, help="rounds of each `airfed run` (0: skip)")
     parser.add_argument("--spec", default=str(REPO / "dags" / "digits.yaml"))
     ns = parser.parse_args()
 
-    from airfed.calls import round_calls, round_template
-    from airfed.spec_loader import load_spec
+    from airfed.dag.step_calls import RoundRefs, round_calls
+    from airfed.spec import load_spec
 
     from fl_tasks.warm import SubprocessLauncher, WarmLauncher, run
 
+    round_ratio = None
+    if ns.run_rounds:
+        with tempfile.TemporaryDirectory(prefix="airfed-bench-") as tmp_dir:
+            walls = round_walls(ns.spec, ns.run_rounds, Path(tmp_dir))
+        steady = {name: w[1:] or w for name, w in walls.items()}
+        for name, w in steady.items():
+            print(f"round_wall_s_{name}={statistics.mean(w):.2f} (mean of rounds 2..{ns.run_rounds})")
+        round_ratio = statistics.mean(steady["warm"]) / statistics.mean(steady["subprocess"])
+
     spec = load_spec(ns.spec)
-    calls = round_calls(spec, 1)
+    round_template = "{{ round }}"
+    calls = round_calls(spec, RoundRefs(round=round_template, run_id="{{ run_id }}", chain_id="{{ run_id }}",
+                                        training="{{ params.training | tojson }}"))
     preload = (spec.client_app.split(":")[0],)
     with tempfile.TemporaryDirectory(prefix="airfed-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -115,7 +158,7 @@ def main() -> int:
             for name in order:
                 step_tmp = tmp / f"{name}-{r}"
                 step_tmp.mkdir()
-                rows[name] += run_round(paths[name], calls, round_template(1), f"bench__{r}", envs[name], step_tmp)
+                rows[name] += run_round(paths[name], calls, round_template, f"bench__{r}", envs[name], step_tmp)
                 print(f"round {r} {name}: {sum(w for _, w, _ in rows[name][-12:]):.2f}s wall", flush=True)
         paths["warm"].stop(["python", "-m", "round_overhead"], {**envs["warm"], **calls["train"][0].env}, str(BENCH))
 
@@ -132,6 +175,8 @@ def main() -> int:
     print(f"warm_server_start_s={warm_start:.2f} (once per server, not in the per-step figures)")
     ratio = statistics.mean(overhead["warm"]) / statistics.mean(overhead["subprocess"])
     print(f"step_overhead_ratio={ratio:.3f}")
+    if round_ratio is not None:
+        print(f"round_ratio={round_ratio:.3f}")
     return 0
 
 

@@ -17,8 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 SESSION_HOME = Path(tempfile.mkdtemp(prefix="airfed-tests-"))
 
 os.environ["AIRFED_HOME"] = str(SESSION_HOME / "home")
-for var in ("AIRFED_STORE_URL", "MLFLOW_TRACKING_URI", "AIRFED_SPECS", "AIRFED_STEP_PYTHON"):
+for var in ("AIRFED_STORE_URL", "MLFLOW_TRACKING_URI", "AIRFED_SPECS", "AIRFED_STEP_PYTHON", "AIRFED_STEP_LAUNCHER",
+            "AIRFED_WARM_PRELOAD", "AIRFED_PARALLELISM"):
     os.environ.pop(var, None)
+#: One warm step server per step env for this test process (per xdist worker), stopped at the end.
+WARM_DIR = SESSION_HOME / "warm"
+os.environ["AIRFED_WARM_DIR"] = str(WARM_DIR)
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
 
@@ -27,6 +31,15 @@ from airfed.environment import configure  # noqa: E402
 configure(dags_folder=REPO / "dags")
 
 from s3_server import s3_endpoint, s3_store_url  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_servers_at_exit():
+    """No warm step server outlives the test session."""
+    yield
+    from helpers import stop_warm_servers
+
+    stop_warm_servers(WARM_DIR)
 
 
 @pytest.fixture

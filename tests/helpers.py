@@ -22,11 +22,31 @@ FIXTURES = TESTS / "fixtures"
 EXAMPLE_SPEC = REPO / "dags" / "digits.yaml"
 
 
+#: Where the warm step servers of this test process listen (conftest sets it per xdist worker): the
+#: CLI runs of many tests, each with its own AIRFED_HOME, share one warm server per step env.
+WARM_DIR_ENV = "AIRFED_WARM_DIR"
+
+
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """This process's env without airfed/MLflow/Airflow settings, with ``AIRFED_HOME=home``."""
+    """This process's env without airfed/MLflow/Airflow settings, with ``AIRFED_HOME=home``.
+
+    The test session's warm-server directory is kept (``AIRFED_WARM_DIR``) unless ``extra`` sets it.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
+    if os.environ.get(WARM_DIR_ENV):
+        env[WARM_DIR_ENV] = os.environ[WARM_DIR_ENV]
     env.update({"AIRFED_HOME": str(home), **extra})
-    return env
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def stop_warm_servers(run_dir: Path) -> list[int]:
+    """Stop every warm step server listening in ``run_dir``; assert none is left running."""
+    from fl_tasks.warm import stop_servers
+    from fl_tasks.warm.launch import _alive
+
+    pids = stop_servers(run_dir, timeout=20)
+    assert not [p for p in pids if _alive(p)], f"warm servers still running: {pids}"
+    return pids
 
 
 def airfed_cli(home: Path, *args: str, env_extra: dict[str, str] | None = None,

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "IDLE_TIMEOUT_ENV", "LAUNCHER_ENV", "PRELOAD_ENV", "PYTHON_ENV", "LaunchError", "Launcher", "RunningStep",
-    "SubprocessLauncher", "WarmLauncher", "WarmUnavailable", "launcher_from_env", "run",
+    "IDLE_TIMEOUT_ENV", "LAUNCHER_ENV", "PRELOAD_ENV", "PYTHON_ENV", "RUN_DIR_ENV", "LaunchError", "Launcher",
+    "RunningStep", "SubprocessLauncher", "WarmLauncher", "WarmUnavailable", "launcher_from_env", "run",
+    "step_command", "step_python", "stop_servers",
 ]
 
 

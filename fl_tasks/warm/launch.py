@@ -13,13 +13,14 @@ import fcntl
 import logging
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -27,8 +28,11 @@ from fl_tasks.warm import protocol
 
 #: Selects the launcher: "warm" (default) or "subprocess".
 LAUNCHER_ENV = "AIRFED_STEP_LAUNCHER"
-#: The step environment's interpreter (what argv[0] "python" means); default: this interpreter.
+#: The step environment's interpreter (what argv[0] "python" means): a path, or a shell-split command
+#: prefix such as ``/opt/steps/bin/python -X utf8``; default: this interpreter.
 PYTHON_ENV = "AIRFED_STEP_PYTHON"
+#: Directory of the warm servers' sockets (default ``$AIRFED_HOME/run``).
+RUN_DIR_ENV = protocol.RUN_DIR_ENV
 #: Seconds a warm server stays up with nothing to do (default 600).
 IDLE_TIMEOUT_ENV = "AIRFED_WARM_IDLE_TIMEOUT"
 #: Comma-separated modules the warm server imports up front besides the step side (e.g. a client app).
@@ -36,6 +40,22 @@ PRELOAD_ENV = "AIRFED_WARM_PRELOAD"
 
 DEFAULT_GRACE = 10.0
 log = logging.getLogger("airfed.launch")
+
+
+def step_python(python: str | Sequence[str] | None = None, env: dict[str, str] | None = None) -> list[str]:
+    """What argv[0] ``"python"`` runs: ``python`` if given, else ``AIRFED_STEP_PYTHON`` (shell-split),
+    else this interpreter. The one place that decides the step interpreter."""
+    if python is None:
+        python = (env if env is not None else os.environ).get(PYTHON_ENV) or ""
+    prefix = shlex.split(python) if isinstance(python, str) else list(python)
+    return prefix or [sys.executable]
+
+
+def step_command(argv: list[str], python: str | Sequence[str] | None = None) -> list[str]:
+    """A StepCall's argv as it is executed: its ``python`` is the step interpreter (``step_python``)."""
+    if argv[:1] != ["python"]:
+        return list(argv)
+    return [*step_python(python), *argv[1:]]
 
 
 class LaunchError(RuntimeError):
@@ -159,14 +179,16 @@ def _signal_group(pid: int, sig: int) -> None:
 class SubprocessLauncher:
     """Today's behaviour: a fresh interpreter per step (``Popen``, new session, merged output).
 
-    python: what argv[0] ``"python"`` means (default ``AIRFED_STEP_PYTHON`` or ``sys.executable``).
+    python: what argv[0] ``"python"`` means, a path or a command prefix (default: ``step_python()``).
     """
 
-    def __init__(self, python: str | None = None):
-        self.python = python or os.environ.get(PYTHON_ENV) or sys.executable
+    kind = "subprocess"
+
+    def __init__(self, python: str | Sequence[str] | None = None):
+        self.python = step_python(python)
 
     def command(self, argv: list[str]) -> list[str]:
-        return [self.python if argv[0] == "python" else argv[0], *argv[1:]]
+        return step_command(argv, self.python)
 
     def start(self, argv: list[str], env: dict[str, str], cwd: str | None = None) -> SubprocessStep:
         proc = subprocess.Popen(
@@ -250,12 +272,15 @@ class WarmStep(_StepBase):
 class WarmLauncher:
     """Runs ``python -m module ...`` argv by asking a warm step server to fork it.
 
-    python: the step environment's interpreter; argv[0] ``"python"`` means it (default
-        ``AIRFED_STEP_PYTHON`` or ``sys.executable``). Another absolute interpreter path in argv[0]
-        gets its own server.
-    home: directory holding ``run/warm-<key>.sock`` (default ``$AIRFED_HOME`` of the step env).
+    python: the step environment's interpreter (a path or a command prefix such as
+        ``python -X utf8``, which then starts the server); argv[0] ``"python"`` means it (default
+        ``step_python()``). Another absolute interpreter path in argv[0] gets its own server.
+    home: directory holding ``run/warm-<key>.sock`` (default ``AIRFED_WARM_DIR`` or
+        ``$AIRFED_HOME/run`` of the step env).
     idle_timeout: seconds an idle server lives (default ``AIRFED_WARM_IDLE_TIMEOUT`` or 600).
     preload: extra modules the server imports up front (default ``AIRFED_WARM_PRELOAD``).
+    default_preload: import the step side (torch, flwr, mlflow, the step modules) up front; False
+        gives a server that starts in a fraction of a second (lifecycle tests).
     fallback: if no server can be started, run the step as a subprocess and log a warning (True),
         or raise ``WarmUnavailable`` (False).
     start_timeout: seconds to wait for a new server to finish its imports.
@@ -263,15 +288,17 @@ class WarmLauncher:
 
     def __init__(
         self,
-        python: str | None = None,
+        python: str | Sequence[str] | None = None,
         *,
         home: str | os.PathLike[str] | None = None,
         idle_timeout: float | None = None,
         preload: tuple[str, ...] | None = None,
+        default_preload: bool = True,
         fallback: bool = True,
         start_timeout: float = 120.0,
     ):
-        self.python = python or os.environ.get(PYTHON_ENV) or sys.executable
+        self.python = step_python(python)
+        self.default_preload = default_preload
         self.home = Path(home) if home is not None else None
         self.idle_timeout = idle_timeout if idle_timeout is not None else float(
             os.environ.get(IDLE_TIMEOUT_ENV) or 600
@@ -285,14 +312,22 @@ class WarmLauncher:
 
     # -- where the server lives
 
-    def interpreter(self, argv: list[str]) -> str:
-        return self.python if argv[0] == "python" else argv[0]
+    kind = "warm"
+
+    def interpreter(self, argv: list[str]) -> list[str]:
+        """The command prefix that starts the server for ``argv`` (``python`` → the step interpreter)."""
+        return list(self.python) if argv[0] == "python" else [argv[0]]
+
+    def run_dir(self, env: dict[str, str]) -> Path:
+        if self.home is not None:
+            return self.home / "run"
+        return protocol.run_dir(env)
 
     def socket_path(self, argv: list[str], env: dict[str, str], cwd: str | None = None) -> Path:
-        python = self.interpreter(argv)
+        python = shlex.join(self.interpreter(argv))
         cwd = os.path.realpath(cwd or os.getcwd())
-        home = self.home or protocol.airfed_home(env)
-        return protocol.socket_path(home, protocol.server_key(python, env, cwd, self.preload))
+        preload = self.preload if self.default_preload else ("--no-default-preload", *self.preload)
+        return protocol.socket_path(self.run_dir(env), protocol.server_key(python, env, cwd, preload))
 
     # -- running
 
@@ -301,7 +336,7 @@ class WarmLauncher:
             return self.cold.start(argv, env, cwd)  # only `python -m module ...` runs warm
         cwd = os.path.realpath(cwd or os.getcwd())
         path = self.socket_path(argv, env, cwd)
-        request = {"op": "run", "argv": [self.interpreter(argv), *argv[1:]], "env": dict(env), "cwd": cwd}
+        request = {"op": "run", "argv": [self.interpreter(argv)[0], *argv[1:]], "env": dict(env), "cwd": cwd}
         last_error = "no attempt"
         for _attempt in range(4):
             try:
@@ -389,9 +424,11 @@ class WarmLauncher:
     def _start_server(self, path: Path, argv: list[str], env: dict[str, str], cwd: str) -> None:
         ready_r, ready_w = os.pipe()
         command = [
-            self.interpreter(argv), "-m", "fl_tasks.warm", "serve", "--daemon", "--socket", os.fspath(path),
+            *self.interpreter(argv), "-m", "fl_tasks.warm", "serve", "--daemon", "--socket", os.fspath(path),
             "--idle-timeout", str(self.idle_timeout), "--ready-fd", str(ready_w), "--preload", ",".join(self.preload),
         ]
+        if not self.default_preload:
+            command.append("--no-default-preload")
         log_path = path.with_suffix(".log")
         try:
             with open(log_path, "w") as log_file:
@@ -426,6 +463,23 @@ class WarmLauncher:
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise WarmUnavailable(f"warm server failed to start ({answer.decode().strip() or 'exited'}): {tail}")
 
+    def warm_up(self, argv: list[str], env: dict[str, str], cwd: str | None = None) -> bool:
+        """Start (or find) the server that would run ``argv`` with ``env``; True once it answers.
+
+        Lets a caller pay the server's imports while it does other work (``airfed run`` migrates
+        Airflow's DB meanwhile). Never raises: a server that cannot start is the steps' concern.
+        """
+        if len(argv) < 3 or argv[1] != "-m":
+            return False
+        cwd = os.path.realpath(cwd or os.getcwd())
+        try:
+            sock = self._connect_or_start(self.socket_path(argv, env, cwd), argv, env, cwd)
+        except (WarmUnavailable, OSError) as exc:
+            log.warning("warm step server could not be started: %s", exc)
+            return False
+        sock.close()
+        return True
+
     def stop(self, argv: list[str], env: dict[str, str], cwd: str | None = None) -> bool:
         """Ask the server for this argv/env to stop accepting steps (running ones finish)."""
         return request_op(self.socket_path(argv, env, cwd), "stop") is not None
@@ -447,6 +501,50 @@ def request_op(path: Path, op: str) -> dict | None:
         return protocol.FrameReader(sock).read()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return state not in ("Z", "X")
+
+
+def stop_servers(run_dir: str | os.PathLike[str], timeout: float = 30.0) -> list[int]:
+    """Stop every warm server listening in ``run_dir``; the pids of the servers that were running.
+
+    Each is asked to ``stop`` (it stops accepting; a running step finishes), then, after
+    ``timeout`` seconds, sent SIGTERM (its running steps get SIGTERM too) and finally SIGKILL.
+    """
+    pids = []
+    for path in sorted(Path(run_dir).glob("warm-*.sock")):
+        status = request_op(path, "ping")
+        if status is None:
+            continue
+        request_op(path, "stop")
+        pids.append(int(status["pid"]))
+    deadline = time.monotonic() + timeout
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            for pid in pids:
+                if _alive(pid):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + 10.0
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not any(_alive(pid) for pid in pids):
+            break
+    return pids
+
+
 def run(
     launcher: Launcher, argv: list[str], env: dict[str, str], cwd: str | None = None,
     on_line: Callable[[str], None] = print,
@@ -458,14 +556,16 @@ def run(
         return step.wait()
 
 
-def launcher_from_env(env: dict[str, str] | None = None) -> Launcher:
-    """The launcher ``AIRFED_STEP_LAUNCHER`` selects: ``warm`` (default) or ``subprocess``."""
+def launcher_from_env(env: dict[str, str] | None = None) -> SubprocessLauncher | WarmLauncher:
+    """The launcher ``AIRFED_STEP_LAUNCHER`` selects: ``warm`` (default) or ``subprocess``;
+    ``AIRFED_STEP_PYTHON`` the step interpreter (see ``step_python``)."""
     env = os.environ if env is None else env
     kind = (env.get(LAUNCHER_ENV) or "warm").strip().lower()
+    python = step_python(None, env)
     if kind == "subprocess":
-        return SubprocessLauncher(env.get(PYTHON_ENV) or None)
+        return SubprocessLauncher(python)
     if kind == "warm":
         preload = tuple(m.strip() for m in env.get(PRELOAD_ENV, "").split(",") if m.strip())
         idle = float(env[IDLE_TIMEOUT_ENV]) if env.get(IDLE_TIMEOUT_ENV) else None
-        return WarmLauncher(env.get(PYTHON_ENV) or None, idle_timeout=idle, preload=preload)
+        return WarmLauncher(python, idle_timeout=idle, preload=preload)
     raise ValueError(f"{LAUNCHER_ENV}={kind!r}: expected 'warm' or 'subprocess'")

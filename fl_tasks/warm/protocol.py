@@ -108,17 +108,27 @@ def server_key(python: str, env: dict[str, str], cwd: str, preload: tuple[str, .
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
+#: Overrides where the sockets live (default ``$AIRFED_HOME/run``): e.g. one server for many homes.
+RUN_DIR_ENV = "AIRFED_WARM_DIR"
+
+
 def airfed_home(env: dict[str, str]) -> Path:
     return Path(env.get("AIRFED_HOME") or os.environ.get("AIRFED_HOME") or "~/.airfed").expanduser().resolve()
 
 
-def socket_path(home: Path, key: str) -> Path:
-    """``$AIRFED_HOME/run/warm-<key>.sock``; a private directory under /tmp if that path is too long."""
-    path = home / "run" / f"warm-{key}.sock"
+def run_dir(env: dict[str, str]) -> Path:
+    """Where the warm servers of ``env`` listen: ``AIRFED_WARM_DIR``, else ``$AIRFED_HOME/run``."""
+    chosen = env.get(RUN_DIR_ENV)
+    return Path(chosen).expanduser().resolve() if chosen else airfed_home(env) / "run"
+
+
+def socket_path(directory: Path, key: str) -> Path:
+    """``<directory>/warm-<key>.sock``; a private directory under /tmp if that path is too long."""
+    path = directory / f"warm-{key}.sock"
     if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
         return path
-    home_hash = hashlib.sha256(os.fsencode(home)).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"airfed-{os.getuid()}" / f"warm-{home_hash}-{key}.sock"
+    dir_hash = hashlib.sha256(os.fsencode(directory)).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"airfed-{os.getuid()}" / f"warm-{dir_hash}-{key}.sock"
 
 
 def private_dir(path: Path) -> None:

@@ -38,7 +38,8 @@ from fl_tasks.warm import protocol
 
 #: Imported once by the server so that no step pays for them.
 DEFAULT_PRELOAD = (
-    "numpy", "torch", "safetensors.torch", "minio", "flwr.app", "flwr.clientapp", "mlflow",
+    "numpy", "torch", "torch._dynamo", "safetensors.torch", "minio", "flwr.app", "flwr.clientapp", "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store", "matplotlib.pyplot",
     "fl_tasks.__main__", "fl_tasks.bridge", "fl_tasks.lineage", "fl_tasks.report", "fl_tasks.weights",
     "fl_tasks.steps.distribute", "fl_tasks.steps.train", "fl_tasks.steps.validate",
     "fl_tasks.steps.aggregate", "fl_tasks.steps.evaluate", "fl_tasks.steps.register",

@@ -275,6 +275,17 @@ def test_rest_triggered_rounds_chain_two_runs_and_register_both(up, token, trigg
     assert str(client.get_model_version_by_alias("digits-mlp", "champion").version) == str(rec["champion_version"])
 
 
+def test_task_processes_share_one_warm_step_server(up, token, triggered):
+    """Each task runs in its own supervised process; all of them fork their steps from one warm server."""
+    from fl_tasks.warm.launch import request_op
+
+    sockets = sorted((up.home / "run").glob("warm-*.sock"))
+    assert len(sockets) == 1, sockets
+    status = request_op(sockets[0], "ping")
+    assert status["requests"] >= 2 * 12, status  # both rounds' 12 steps (and the data preparation)
+    assert status["python_threads"] == 1 and status["children"] == []
+
+
 def test_jobs_page_json_and_html(up, token, triggered):
     status, body, _ = request("GET", f"{up.airflow}/airfed/api/jobs")
     assert status == 401, body  # a login is needed

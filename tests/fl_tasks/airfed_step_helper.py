@@ -31,6 +31,9 @@ def ok(lines: str = "3") -> None:
 def hang() -> None:
     child = subprocess.Popen(["sleep", "1000"])  # a grandchild: the kill must reach it too
     print(f"grandchild {child.pid}", flush=True)
+    if os.environ.get("HELPER_PID_FILE"):
+        with open(os.environ["HELPER_PID_FILE"], "w") as fh:
+            fh.write(f"{os.getpid()} {child.pid}")
     time.sleep(1000)
 
 
@@ -74,6 +77,7 @@ def probe() -> None:
         "env_keys": sorted(os.environ),
         "random": random.random(),
         "numpy_random": float(numpy.random.random()),
+        "utf8_mode": sys.flags.utf8_mode,
     }
     print(json.dumps(state), flush=True)
 

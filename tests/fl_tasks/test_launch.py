@@ -210,8 +210,9 @@ def test_no_zombies_left(launcher, env):
 
 @pytest.fixture
 def warm(tmp_path):
-    """A warm launcher with a server of its own (a fresh AIRFED_HOME)."""
-    launcher = WarmLauncher(idle_timeout=120, fallback=False)
+    """A warm launcher with a server of its own (a fresh AIRFED_HOME); minimal preload: these tests are
+    about the server's life, and a server that imports only the launcher starts in a fraction of a second."""
+    launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False)
     env = base_env(tmp_path / "home", AIRFED_RESULT_FILE=str(tmp_path / "result.json"))
     yield launcher, env
     stop_server(launcher, env)
@@ -242,7 +243,8 @@ def test_server_survives_its_caller(warm):
     launcher, env = warm
     code = (
         "import os, sys; from fl_tasks.warm import WarmLauncher, run; "
-        f"sys.exit(run(WarmLauncher(idle_timeout=120, fallback=False), {HELPER!r} + ['ok', '1'], "
+        "launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False); "
+        f"sys.exit(run(launcher, {HELPER!r} + ['ok', '1'], "
         f"{env!r}, {HERE!r}))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -255,7 +257,8 @@ def test_concurrent_first_use_starts_one_server(warm):
     codes: list[int] = []
 
     def one() -> None:
-        codes.append(run_helper(WarmLauncher(idle_timeout=120, fallback=False), env, "ok", "1")[0])
+        launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False)
+        codes.append(run_helper(launcher, env, "ok", "1")[0])
 
     threads = [threading.Thread(target=one) for _ in range(3)]
     for thread in threads:
@@ -283,7 +286,7 @@ def test_client_disconnect_kills_the_step(warm):
 
 
 def test_idle_server_exits_and_removes_its_socket(tmp_path):
-    launcher = WarmLauncher(idle_timeout=1, fallback=False)
+    launcher = WarmLauncher(idle_timeout=1, fallback=False, default_preload=False)
     env = base_env(tmp_path / "home")
     assert run_helper(launcher, env, "os_exit")[0] == 3
     status = launcher.ping(HELPER, env, HERE)
@@ -311,17 +314,31 @@ def test_unavailable_server_falls_back_or_raises(tmp_path):
     home.mkdir()
     (home / "run").write_text("not a directory")
     env = base_env(home)
-    with WarmLauncher(fallback=True).start([*HELPER, "os_exit"], env, HERE) as step:
+    with WarmLauncher(fallback=True, default_preload=False).start([*HELPER, "os_exit"], env, HERE) as step:
         assert isinstance(step, SubprocessStep)
         assert step.wait(60) == 3
     with pytest.raises(WarmUnavailable):
-        WarmLauncher(fallback=False).start([*HELPER, "os_exit"], env, HERE)
+        WarmLauncher(fallback=False, default_preload=False).start([*HELPER, "os_exit"], env, HERE)
 
 
 def test_refused_request_raises(warm):
     launcher, env = warm
     with pytest.raises(LaunchError, match="env must map strings to strings"):
         launcher.start([*HELPER, "ok"], {**env, "NOT_A_STRING": 1}, HERE)
+
+
+def test_interpreter_prefix_starts_the_server_and_keys_it(tmp_path):
+    """``AIRFED_STEP_PYTHON="python -X utf8"``: the warm server runs with the flag, as a cold step would."""
+    env = base_env(tmp_path / "home")
+    prefixed = WarmLauncher(f"{sys.executable} -X utf8", idle_timeout=60, fallback=False, default_preload=False)
+    plain = WarmLauncher(idle_timeout=60, fallback=False, default_preload=False)
+    assert prefixed.socket_path(HELPER, env, HERE) != plain.socket_path(HELPER, env, HERE)
+    assert run(prefixed, ["python", "-c", "pass"], env, HERE) == 0  # not `-m`: runs cold
+    for launcher in (SubprocessLauncher(f"{sys.executable} -X utf8"), prefixed):
+        out: list[str] = []
+        assert run(launcher, [*HELPER, "probe"], env, HERE, on_line=out.append) == 0
+        assert json.loads(out[-1])["utf8_mode"] == 1
+    stop_server(prefixed, env)
 
 
 def test_thread_settings_match_a_fresh_process(tmp_path):
@@ -339,7 +356,7 @@ def test_launcher_from_env():
     assert isinstance(launcher_from_env({"AIRFED_STEP_LAUNCHER": "subprocess"}), SubprocessLauncher)
     chosen = launcher_from_env({"AIRFED_STEP_LAUNCHER": "warm", "AIRFED_STEP_PYTHON": "/x/python",
                                 "AIRFED_WARM_PRELOAD": "examples.digits.client_app", "AIRFED_WARM_IDLE_TIMEOUT": "5"})
-    assert (chosen.python, chosen.preload, chosen.idle_timeout) == ("/x/python", ("examples.digits.client_app",), 5.0)
+    assert (chosen.python, chosen.preload, chosen.idle_timeout) == (["/x/python"], ("examples.digits.client_app",), 5.0)
     with pytest.raises(ValueError):
         launcher_from_env({"AIRFED_STEP_LAUNCHER": "docker"})
 
@@ -371,7 +388,7 @@ def canonical_sha256(path: Path) -> str:
 
 def test_real_steps_commit_identical_weights_on_both_paths(tmp_path):
     """A seeded distribute + train through each launcher: the same weights, byte for byte, in the store."""
-    from airfed.calls import round_calls, round_template
+    from airfed.dag.step_calls import RoundRefs, round_calls
     from airfed.spec import load_spec
 
     spec = load_spec(REPO / "dags" / "digits.yaml")
@@ -379,11 +396,10 @@ def test_real_steps_commit_identical_weights_on_both_paths(tmp_path):
     common = base_env(home, MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}")
     subprocess.run([sys.executable, "-m", "fl_tasks.prepare_data", spec.step_payload()], env=common, check=True,
                    capture_output=True, timeout=300)
-    calls = round_calls(spec, 1)
+    calls = round_calls(spec, RoundRefs(round="1", run_id="manual__launch", chain_id="manual__launch", training="{}"))
 
     def render(argv: list[str]) -> list[str]:
-        values = {"{{ run_id }}": "manual__launch", round_template(1): "1", "{{ params.training | tojson }}": "{}"}
-        return [values.get(a, a) for a in argv]
+        return list(argv)
 
     digests = {}
     warm = WarmLauncher(idle_timeout=120, fallback=False)

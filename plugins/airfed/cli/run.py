@@ -134,7 +134,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
     )
     print(f"airfed: Airflow log: {log_path}", file=out, flush=True)
     try:
-        prepare_silo_data(spec, out)
+        prepare_silo_data(spec, out)  # through the step launcher: on the warm path it starts the server too
     except DataPreparationFailed as exc:
         raise SystemExit(f"airfed: {exc}") from None
 

@@ -13,7 +13,10 @@ What it does, in order:
    (``data.prepare``), as ``airfed run`` does, so a run triggered from the UI or the REST API works on
    a fresh AIRFED_HOME.
 4. Waits until both answer, prints the URLs and the Airflow login, and runs until SIGINT/SIGTERM
-   (Ctrl-C): then it terminates both process groups, waits, and kills what is left after a timeout.
+   (Ctrl-C): then it terminates both process groups, waits, and kills what is left after a timeout;
+   finally it stops the warm step servers of this AIRFED_HOME (``$AIRFED_HOME/run``, or
+   ``AIRFED_WARM_DIR``), which Airflow's task processes started and which live in their own
+   sessions (one server per step interpreter and env, shared by every task process).
 """
 
 from __future__ import annotations
@@ -108,6 +111,16 @@ def stop_children(children: list[Child], timeout: float, out: TextIO) -> None:
                 child.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
                 pass
+
+
+def stop_warm_servers(timeout: float, out: TextIO) -> None:
+    """Stop the warm step servers of this AIRFED_HOME (the step env's run directory)."""
+    from fl_tasks.warm import stop_servers
+    from fl_tasks.warm.protocol import run_dir
+
+    pids = stop_servers(run_dir(dict(os.environ)), timeout=timeout)
+    if pids:
+        print(f"airfed: stopped {len(pids)} warm step server(s)", file=out, flush=True)
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -345,6 +358,7 @@ def up(
             print(f"\nairfed: {signal.Signals(received[0]).name} received, stopping "
                   f"{' and '.join(c.name for c in children) or 'nothing'} ...", file=out, flush=True)
         stop_children(children, stop_timeout, out)
+        stop_warm_servers(stop_timeout, out)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         print("airfed: stopped", file=out, flush=True)

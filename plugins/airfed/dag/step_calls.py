@@ -26,10 +26,15 @@ class RoundRefs:
     training: str
 
 
+def job_env(spec: JobSpec) -> dict[str, str]:
+    """The env every step of the job gets (silos add their own)."""
+    return {"PYTHONUNBUFFERED": "1", **spec.env}
+
+
 def round_calls(spec: JobSpec, refs: RoundRefs) -> dict[str, StepCall | list[StepCall]]:
     """StepCalls of one round, keyed by step name: one per server step, a list (per silo) per silo step."""
-    job_env = {"PYTHONUNBUFFERED": "1", **spec.env}
-    server_env = {**job_env, TIMEOUT_ENV: str(spec.execution.server_timeout_seconds)}
+    common_env = job_env(spec)
+    server_env = {**common_env, TIMEOUT_ENV: str(spec.execution.server_timeout_seconds)}
     silo_timeout = {TIMEOUT_ENV: str(spec.execution.silo_timeout_seconds)}
 
     def server_call(step: str, argv: list[str], extra_env: dict[str, str] | None = None) -> StepCall:
@@ -40,7 +45,7 @@ def round_calls(spec: JobSpec, refs: RoundRefs) -> dict[str, StepCall | list[Ste
             StepCall(
                 step,
                 step_argv(step, job=spec.job, round_ref=refs.round, run_id=refs.run_id, silo=silo.name),
-                {**job_env, **silo.env, **silo_timeout},
+                {**common_env, **silo.env, **silo_timeout},
                 silo.name,
                 silo.placement,
             )

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from fl_tasks.records import Head, LostRound, Plan, Result
 from fl_tasks.store import JobKeys, ObjectMissing, PreconditionFailed, Store
@@ -299,19 +300,26 @@ def record_lost(store: Store, keys: JobKeys, conflict: RoundConflict) -> None:
 
 
 def run_rounds(store: Store, keys: JobKeys, dag_run_id: str, first_round: int) -> dict[str, object]:
-    """What one DAG run did, from the store (for ``airfed run``'s summary): the rounds it committed,
-    the rounds from ``first_round`` on that other runs committed, and its lost race if any."""
+    """What one DAG run did, from the store: see :func:`chain_outcome`."""
+    return chain_outcome(store, keys, [dag_run_id], first_round)
+
+
+def chain_outcome(store: Store, keys: JobKeys, dag_run_ids: Sequence[str], first_round: int) -> dict[str, Any]:
+    """What a chain of DAG runs did, from the store (for ``airfed run``'s summary): the rounds it
+    committed, the rounds from ``first_round`` on that other runs committed, and its lost race if any
+    (that of its last run, the one that stopped)."""
     head = store.get_record_or_none(keys.head, Head)
+    ours = set(dag_run_ids)
     mine, others = [], {}
     for r in range(first_round, (head.round if head else 0) + 1):
         result = store.get_record_or_none(keys.result(r), Result)
         if result is None or not result.committed:
             continue
-        if result.dag_run_id == dag_run_id:
+        if result.dag_run_id in ours:
             mine.append(r)
         else:
             others[r] = result.dag_run_id
-    lost = store.get_record_or_none(keys.lost(dag_run_id), LostRound)
+    lost = store.get_record_or_none(keys.lost(dag_run_ids[-1]), LostRound) if dag_run_ids else None
     return {
         "committed": mine,
         "committed_by_others": others,

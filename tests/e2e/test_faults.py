@@ -95,12 +95,10 @@ def test_aggregator_killed_before_head_is_finished_by_the_next_run(tmp_path):
     assert versions["1"].tags["global_sha256"] == orphan["new_global"]["sha256"]
     assert versions["1"].tags["dag_run_id"] == crashed["dag_run_id"]
     assert versions["1"].tags["evaluated"] == "false"  # its run stopped before evaluate: never champion
-    if rerun is None or (proc.returncode != 0 and "2/1 rounds committed" in proc.stdout):
-        pytest.xfail("`airfed run` prints round 1 (committed by the crashed run, registered late during this one, "
-                     "without a promotion value) as its own: plugins/airfed/run.py must list only this run's "
-                     "rounds and accept promotion_value None (issue 13, airflow-side)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [r["round"] for r in rerun["rounds"]] == [2]
+    assert [r["round"] for r in rerun["rounds"]] == [2]  # only the rounds this run committed
+    assert rerun["committed_by_others"] == {"1": crashed["dag_run_id"]} and rerun["lost"] is None
+    assert f"round(s) 1 committed meanwhile by another run: {crashed['dag_run_id']}" in proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["server", "client"])

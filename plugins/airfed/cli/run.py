@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from airfed.cli.terminal import output_to_log
 from airfed.environment import DataPreparationFailed, configure, migrate_airflow_db, prepare_silo_data
 from airfed.spec import load_spec
+from fl_tasks import commit
 from fl_tasks.spec import JobSpec
 
 LOADER_SOURCE = '''"""airfed run: the DAG loader (airflow DAG) for the spec(s) in AIRFED_SPECS."""
@@ -40,8 +41,10 @@ def progress_line(rec: dict[str, Any], seconds: float | None) -> str:
         parts[-1] += f" (rejected: {', '.join(rec['rejected'])})"
     if rec.get("train_loss") is not None:
         parts.append(f"train loss {rec['train_loss']:.4f}")
-    parts.append(f"val {rec['promotion_metric']} {rec['promotion_value']:.4f}")
-    parts.append(f"model v{rec['registry_version']} (champion v{rec['champion_version']})")
+    value = rec.get("promotion_value")
+    parts.append(f"val {rec['promotion_metric']} {value:.4f}" if value is not None else "not evaluated")
+    champion = rec.get("champion_version")
+    parts.append(f"model v{rec['registry_version']}" + (f" (champion v{champion})" if champion is not None else ""))
     if seconds is not None:
         parts.append(f"{seconds:.1f}s")
     return " | ".join(parts)
@@ -149,6 +152,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
 
     head = store.get_json_or_none(keys.head)
     records = [store.get_json(keys.registry(r["round"])) for r in done]
+    outcome = commit.chain_outcome(store, keys, run_ids, start)
     last = records[-1] if records else None
     chain_id = run_ids[0] if run_ids else None
     summary = {
@@ -157,6 +161,8 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         "dag_run_id": chain_id,
         "dag_run_ids": run_ids,
         "rounds": done,
+        "committed_by_others": outcome["committed_by_others"],
+        "lost": outcome["lost"],
         "head_round": head["round"] if head else 0,
         "registry_model": spec.model_name,
         "registry_version": last["registry_version"] if last else None,
@@ -179,6 +185,16 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         f"HEAD is round {summary['head_round']}",
         file=out,
     )
+    if outcome["committed_by_others"]:
+        by_run: dict[str, list[int]] = {}
+        for r, winner in outcome["committed_by_others"].items():
+            by_run.setdefault(winner, []).append(r)
+        for winner, taken in by_run.items():
+            print(f"  round(s) {', '.join(map(str, taken))} committed meanwhile by another run: {winner}", file=out)
+    if outcome["lost"]:
+        lost = outcome["lost"]
+        print(f"  round {lost['round']} lost to run {lost['winner'] or '(unknown)'} ({lost['stage']}): "
+              f"{lost['reason']}", file=out)
     print(f"  store:    {store.url}/{spec.job}/", file=out)
     if last:
         print(
@@ -187,8 +203,10 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
             f"\n            browse with: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}",
             file=out,
         )
+        champion = last.get("champion_version")
         print(f"  registry: models:/{spec.model_name}/{last['registry_version']} "
-              f"(champion: models:/{spec.model_name}@champion = v{last['champion_version']})", file=out)
+              + (f"(champion: models:/{spec.model_name}@champion = v{champion})" if champion is not None
+                 else "(no champion yet)"), file=out)
     print(f"  summary:  {reports / 'summary.json'}"
           + (f"\n  plot:     {summary['convergence_plot']}" if "convergence_plot" in summary else ""), file=out)
     if not ok:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,6 +182,10 @@ def champion(c: MlflowClient, name: str):
 
 
 def is_better(value: float, than: float | None, direction: str) -> bool:
-    if than is None:
+    """Whether ``value`` beats the champion's ``than``: any real value beats a missing or NaN one
+    (a champion without a usable metric must not hold the alias forever); NaN beats nothing."""
+    if math.isnan(value):
+        return False
+    if than is None or math.isnan(than):
         return True
     return value > than if direction == "maximize" else value < than

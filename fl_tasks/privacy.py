@@ -30,9 +30,7 @@ def clip_factor(update_norm: float, clipping_norm: float) -> float:
 def clip_state(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
                clipping_norm: float) -> tuple[dict[str, torch.Tensor], float]:
     """Client side: clip the update in memory; returns (clipped state, original update norm)."""
-    sq = sum(float(((update[k].double() - global_state[k].double()) ** 2).sum())
-             for k in global_state if update[k].is_floating_point())
-    norm = math.sqrt(sq)
+    norm = float_update_norm(update, global_state)
     factor = clip_factor(norm, clipping_norm)
     clipped = {
         k: (global_state[k].double() + (v.double() - global_state[k].double()) * factor).to(v.dtype)
@@ -42,20 +40,28 @@ def clip_state(update: Mapping[str, torch.Tensor], global_state: Mapping[str, to
     return clipped, norm
 
 
+def float_update_norm(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the update's floating-point tensors (what clipping scales; integer buffers such as
+    BatchNorm's ``num_batches_tracked`` are neither counted nor scaled, on either side)."""
+    return math.sqrt(sum(float(((update[k].double() - global_state[k].double()) ** 2).sum())
+                         for k in global_state if update[k].is_floating_point()))
+
+
 def clip_file(update_path: str | Path, global_path: str | Path, out_path: str | Path,
-              update_norm: float, clipping_norm: float) -> float:
-    """Server side: write the clipped update, tensor by tensor; returns the clip factor used."""
-    factor = clip_factor(update_norm, clipping_norm)
-    out: dict[str, torch.Tensor] = {}
+              clipping_norm: float) -> tuple[float, float]:
+    """Server side: write the clipped update; returns (clip factor, the update's floating-point norm)."""
     with safe_open(str(update_path), framework="pt") as up, safe_open(str(global_path), framework="pt") as gl:
-        for name in up.keys():
-            tensor = up.get_tensor(name)
-            if tensor.is_floating_point():
-                base = gl.get_tensor(name).double()
-                tensor = (base + (tensor.double() - base) * factor).to(tensor.dtype)
-            out[name] = tensor
+        update = {name: up.get_tensor(name) for name in up.keys()}
+        global_state = {name: gl.get_tensor(name) for name in update}
+    norm = float_update_norm(update, global_state)
+    factor = clip_factor(norm, clipping_norm)
+    out = {
+        name: (global_state[name].double() + (t.double() - global_state[name].double()) * factor).to(t.dtype)
+        if t.is_floating_point() else t
+        for name, t in update.items()
+    }
     save_state_dict(out, out_path)
-    return factor
+    return factor, norm
 
 
 def add_gaussian_noise(path: str | Path, stddev: float, seed: int | None = None) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from fractions import Fraction
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -35,6 +36,11 @@ MAX_SILOS = 1024
 SECRET_ENV_RE = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE_KEY)", re.IGNORECASE)
 
 ConfigScalar = int | float | bool | str
+
+
+def ceil_fraction(fraction: float, n: int) -> int:
+    """ceil(fraction × n) in decimal terms: 0.07 × 100 is 7, not the 8 that float rounding gives."""
+    return math.ceil(Fraction(str(fraction)) * n)
 
 
 class Strict(BaseModel):
@@ -192,7 +198,7 @@ class Quorum(Strict):
 
     def required(self, n_silos: int) -> int:
         """Fewest accepted updates a round over ``n_silos`` (sampled) silos commits with."""
-        return max(1, self.min_silos, math.ceil(self.min_fraction * n_silos))
+        return max(1, self.min_silos, ceil_fraction(self.min_fraction, n_silos))
 
 
 class Guards(Strict):

@@ -149,8 +149,8 @@ def _checked_update(env: StepEnv, plan: Plan, name: str, global_path: Path,
     dp = plan.differential_privacy
     if dp and dp.mode == "server":
         clipped = tmp / f"{name}.clipped.safetensors"
-        factor = clip_file(path, global_path, clipped, guard.update_norm or 0.0, dp.clipping_norm)
-        log(f"round {plan.round}: silo {name} update norm {guard.update_norm:.4g} clipped by factor {factor:.4g}")
+        factor, norm = clip_file(path, global_path, clipped, dp.clipping_norm)
+        log(f"round {plan.round}: silo {name} update norm {norm:.4g} clipped by factor {factor:.4g}")
         path = clipped
     return path, AcceptedUpdate(sha256=manifest.sha256, num_examples=manifest.num_examples,
                                 update_norm=guard.update_norm)

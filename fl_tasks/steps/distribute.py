@@ -14,7 +14,6 @@ the claim is won, so a losing run writes nothing.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from pathlib import Path
@@ -23,7 +22,7 @@ from fl_tasks import commit
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.paths import expand_path
 from fl_tasks.records import Head, ObjectRef, Plan, PlanSilo, RegistryNames, Sampling
-from fl_tasks.spec import JobSpec
+from fl_tasks.spec import JobSpec, ceil_fraction
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch, ObjectMissing, sha256_file
 
@@ -51,7 +50,7 @@ def sample_silos(names: list[str], fraction: float, seed: int, job: str, r: int,
     """Flower-style client sampling: ceil(fraction × N) silos (at least the quorum), seeded per round."""
     if fraction >= 1.0:
         return list(names)
-    size = min(len(names), max(math.ceil(fraction * len(names)), at_least, 1))
+    size = min(len(names), max(ceil_fraction(fraction, len(names)), at_least, 1))
     rng = random.Random(f"{seed}:{job}:{r}")
     return sorted(rng.sample(names, size), key=names.index)
 

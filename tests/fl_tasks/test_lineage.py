@@ -65,11 +65,6 @@ def test_a_nan_value_never_beats_a_champion(direction, than):
     assert lineage.is_better(NAN, than, direction) is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: is_better(x, nan, ...) is False for every x (x > nan is False), so a champion whose "
-    "promotion value is NaN (or has no promotion_value tag, read as 'nan') can never be replaced",
-)
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_any_real_value_beats_a_nan_champion(direction):
     assert lineage.is_better(0.5, NAN, direction) is True
@@ -212,11 +207,6 @@ def test_a_nan_round_does_not_replace_a_champion(tracking, tmp_path):
     assert _walk(tracking, job, [0.5, NAN]) == [(1, 1, True), (2, 1, False)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: register promotes round 1 unconditionally (no champion yet), even with a NaN metric; "
-    "is_better(0.9, nan) is then False forever, so no later round can become champion",
-)
 def test_a_nan_champion_is_replaced_by_the_first_real_value(tracking, tmp_path):
     job = Job(tmp_path, "nan-first-job")
     job.round(NAN)

@@ -54,11 +54,6 @@ def test_quorum_rejects_impossible_values(bad):
         Quorum.model_validate(bad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: math.ceil(min_fraction * n) in float: 0.07 × 100 = 7.000000000000001 → 8 (and 0.14 × 50, "
-    "0.28 × 25, 0.56 × 25, 0.55 × 100 …)",
-)
 @pytest.mark.parametrize(("min_fraction", "n", "expected"), [(0.07, 100, 7), (0.14, 50, 7), (0.28, 25, 7)])
 def test_quorum_fraction_is_exact_for_decimal_fractions(min_fraction, n, expected):
     assert Quorum(min_fraction=min_fraction).required(n) == expected
@@ -146,10 +141,6 @@ def test_sample_is_the_same_in_another_process_whatever_its_hash_seed():
         assert json.loads(out.stdout.strip().splitlines()[-1]) == here
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: math.ceil(fraction * len(names)) in float: fraction_train 0.07 of 100 silos samples 8, not 7",
-)
 @pytest.mark.parametrize(("fraction", "n", "expected"), [(0.07, 100, 7), (0.14, 50, 7), (0.56, 25, 14)])
 def test_sample_size_is_exact_for_decimal_fractions(fraction, n, expected):
     names = [f"s{i}" for i in range(n)]

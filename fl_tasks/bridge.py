@@ -112,8 +112,8 @@ def call_client_app(
         record = records.get("arrays") or next(iter(records.values()))
         arrays = record.to_torch_state_dict()
     metrics: dict[str, float | int] = {}
-    for record in reply.content.metric_records.values():
-        metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})
+    for metric_record in reply.content.metric_records.values():
+        metrics.update({k: v for k, v in metric_record.items() if isinstance(v, int | float)})
     if "num-examples" not in metrics:
         raise ClientAppError(f"the {message_type} handler's reply has no 'num-examples' metric")
     return Reply(arrays=arrays, metrics=metrics)

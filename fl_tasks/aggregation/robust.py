@@ -90,9 +90,9 @@ class _SortedChunks:
             if spec.storage == work_dtype:
                 work = stack  # sorted in place: the buffer is ours until the next chunk
             else:
-                work = self._work.get(work_dtype)
-                if work is None:
-                    work = self._work[work_dtype] = np.empty((count + 1, self.size), dtype=work_dtype)
+                if work_dtype not in self._work:
+                    self._work[work_dtype] = np.empty((count + 1, self.size), dtype=work_dtype)
+                work = self._work[work_dtype]
                 decode(stack[:count, :n], spec.dtype, work[:count, :n])
             yield name, spec, start, n, sorted_rows(work, count, n)
 

@@ -466,7 +466,7 @@ class WarmServer:
         self.last_activity = time.monotonic()
 
 
-def run_step(request: StepRequest) -> Any:
+def run_step(request: StepRequest) -> str | int | None:
     """In the forked child: run ``python -m module args`` as a fresh interpreter would.
 
     Returns what the interpreter would exit with (a ``SystemExit`` code: None, an int or a

@@ -151,7 +151,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
     records = [store.get_json(keys.registry(r["round"])) for r in done]
     last = records[-1] if records else None
     chain_id = run_ids[0] if run_ids else None
-    summary = {
+    summary: dict[str, Any] = {
         "job": spec.job,
         "state": state,
         "dag_run_id": chain_id,

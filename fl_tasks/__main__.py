@@ -28,7 +28,7 @@ def _arm_timeout() -> None:
     if seconds <= 0:
         return
 
-    def expire(_signum, _frame):
+    def expire(_signum: int, _frame: object) -> None:
         raise StepTimeout(f"timed out after {seconds}s (execution.silo/server_timeout_seconds)")
 
     signal.signal(signal.SIGALRM, expire)

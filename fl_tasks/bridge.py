@@ -14,6 +14,7 @@ import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -38,7 +39,7 @@ class Reply:
         return self.metrics.get("num-examples")
 
 
-def load_object(ref: str):
+def load_object(ref: str) -> Any:
     """Import ``module:attr`` (the current directory is importable, as for ``flwr run``)."""
     module_name, _, attr = ref.partition(":")
     if os.getcwd() not in sys.path:

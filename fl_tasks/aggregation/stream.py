@@ -275,7 +275,9 @@ class SafetensorsWriter:
 
 
 @contextmanager
-def writing(path: str | Path, layout: list[tuple[str, TensorSpec]], metadata: dict[str, str] | None = None):
+def writing(
+    path: str | Path, layout: list[tuple[str, TensorSpec]], metadata: dict[str, str] | None = None
+) -> Iterator[SafetensorsWriter]:
     """A :class:`SafetensorsWriter` that is removed again if the block fails."""
     writer = SafetensorsWriter(path, layout, metadata)
     try:
@@ -343,7 +345,7 @@ def _openblas_controls() -> list[tuple[Callable[[], int], Callable[[int], object
 
 
 @contextmanager
-def single_threaded_blas():
+def single_threaded_blas() -> Iterator[None]:
     """Run NumPy's BLAS on one thread: the products here are small (N x chunk) and memory-bound, and
     on a shared machine BLAS worker threads spin against other processes. Also keeps reductions in a
     fixed order, so recomputing a round on the same kind of machine gives the same bytes."""

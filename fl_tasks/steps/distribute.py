@@ -18,6 +18,7 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import cast
 
 from fl_tasks import commit
 from fl_tasks.contract import SPEC_ENV
@@ -68,7 +69,7 @@ def _initial_global(env: StepEnv, spec: JobSpec, r: int, tmp: Path) -> Path:
     from fl_tasks.weights import save_state_dict
 
     path = tmp / "global.safetensors"
-    factory = load_object(model.init)
+    factory = load_object(cast(str, model.init))  # the spec gives exactly one of seed/init
     state = factory()
     log(f"round {r}: initial global model from {model.init} ({len(state)} tensors)")
     save_state_dict(state, path, metadata={"job": env.args.job, "round": str(r)})

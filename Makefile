@@ -20,8 +20,7 @@ install: $(BIN)/airfed
 demo: install
 	$(BIN)/airfed run dags/digits.yaml --rounds $(ROUNDS)
 
-test: install
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # Builds (or reuses, under .rehearse/) the Airflow and fl-task images' environments with
@@ -31,3 +30,4 @@ rehearse: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/mypy

@@ -28,7 +28,7 @@ def _arm_timeout() -> None:
     if seconds <= 0:
         return
 
-    def expire(_signum, _frame):
+    def expire(_signum: int, _frame: object) -> None:
         raise StepTimeout(f"timed out after {seconds}s (execution.silo/server_timeout_seconds)")
 
     signal.signal(signal.SIGALRM, expire)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if recorder is not None and not isinstance(exc, KeyboardInterrupt):
             try:
                 recorder(env, exc)
-            except Exception as record_exc:  # never mask the step's own error
+            except Exception as record_exc:  # noqa: BLE001 - never mask the step's own error
                 log(f"could not record the failure in the store: {record_exc}")
         raise
     finally:

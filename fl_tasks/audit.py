@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from fl_tasks.aggregation import aggregate_files
-from fl_tasks.records import Head, Manifest, ObjectRef, Plan, RecordError, Result, parse
+from fl_tasks.records import Head, Manifest, ObjectRef, Plan, R, RecordError, Result, parse
 from fl_tasks.store import ChecksumMismatch, JobKeys, ObjectMissing, Store, sha256_bytes, sha256_file
 from fl_tasks.strategies import STRATEGIES, ValidationError, check_params, describe_error, normalize
 
@@ -134,7 +134,7 @@ def verify_registry(store: Store, job: str, model_name: str, report: Report, *, 
     return repaired
 
 
-def _get(store: Store, key: str, model, report: Report):
+def _get(store: Store, key: str, model: type[R], report: Report) -> R | None:
     try:
         return store.get_record(key, model)
     except ObjectMissing:

@@ -14,6 +14,7 @@ import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -38,7 +39,7 @@ class Reply:
         return self.metrics.get("num-examples")
 
 
-def load_object(ref: str):
+def load_object(ref: str) -> Any:
     """Import ``module:attr`` (the current directory is importable, as for ``flwr run``)."""
     module_name, _, attr = ref.partition(":")
     if os.getcwd() not in sys.path:
@@ -112,8 +113,8 @@ def call_client_app(
         record = records.get("arrays") or next(iter(records.values()))
         arrays = record.to_torch_state_dict()
     metrics: dict[str, float | int] = {}
-    for record in reply.content.metric_records.values():
-        metrics.update({k: v for k, v in record.items() if isinstance(v, int | float)})
+    for metric_record in reply.content.metric_records.values():
+        metrics.update({k: v for k, v in metric_record.items() if isinstance(v, int | float)})
     if "num-examples" not in metrics:
         raise ClientAppError(f"the {message_type} handler's reply has no 'num-examples' metric")
     return Reply(arrays=arrays, metrics=metrics)

@@ -170,7 +170,7 @@ def head_versioned(store: Store, keys: JobKeys) -> tuple[Head | None, str | None
 
 def check_input(plan: Plan, head: Head | None, run_id: str) -> None:
     """Refuse to commit a round whose plan is not this run's, or that did not train from HEAD's global."""
-    conflict = {"job": plan.job, "round": plan.round, "dag_run_id": run_id}
+    conflict: dict[str, Any] = {"job": plan.job, "round": plan.round, "dag_run_id": run_id}
     if plan.dag_run_id != run_id:
         raise RoundCommittedElsewhere(
             f"round {plan.round} of job {plan.job} is now planned by run {plan.dag_run_id}, not by this run "
@@ -206,6 +206,7 @@ def commit_round(store: Store, keys: JobKeys, result: Result, head: Head | None,
     Idempotent for the run that owns the round; :class:`RoundCommittedElsewhere` for any other.
     ``before_head`` runs between the two writes (fault injection in tests)."""
     r = result.round
+    assert result.new_global is not None  # a committed Result has one (Result._committed_has_global)
     result_sha = _create_result(store, keys, result)
     if before_head is not None:
         before_head()

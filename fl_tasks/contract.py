@@ -65,4 +65,3 @@ def step_argv(
     if silo is not None:
         argv += ["--silo", silo]
     return argv
-

@@ -41,7 +41,7 @@ def check_update(
         )
     try:
         ours, theirs = tensor_specs(update_path), tensor_specs(global_path)
-    except Exception as exc:  # a corrupt file is a rejection reason, not a crash
+    except Exception as exc:  # noqa: BLE001 - a corrupt file is a rejection reason, not a crash
         return GuardResult(False, f"unreadable safetensors: {exc}")
     missing, extra = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
     if missing or extra:

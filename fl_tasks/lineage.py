@@ -18,12 +18,14 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fl_tasks.paths import airfed_home, redact_uri
@@ -44,7 +46,7 @@ class LineageUnavailable(RuntimeError):
 
 
 @contextmanager
-def reporting_failures(what: str):
+def reporting_failures(what: str) -> Iterator[None]:
     """Turn MLflow/connection errors into one clear message naming the (redacted) tracking URI."""
     try:
         yield
@@ -112,19 +114,19 @@ def ensure_experiment(c: MlflowClient, name: str) -> str:
     return c.create_experiment(name, artifact_location=location, tags={TAG_JOB: name})
 
 
-def _find_run(c: MlflowClient, experiment_id: str, tags: dict[str, str]):
+def _find_run(c: MlflowClient, experiment_id: str, tags: dict[str, str]) -> Run | None:
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = c.search_runs([experiment_id], filter_string=query, max_results=2, order_by=["attributes.start_time ASC"])
     return runs[0] if runs else None
 
 
-def ensure_parent_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: str):
+def ensure_parent_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: str) -> Run:
     tags = {TAG_JOB: job, TAG_DAG_RUN: dag_run_id, TAG_KIND: "dag_run"}
     run = _find_run(c, experiment_id, tags)
     return run or c.create_run(experiment_id, tags=tags, run_name=dag_run_id)
 
 
-def ensure_round_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: str, r: int, parent_id: str):
+def ensure_round_run(c: MlflowClient, experiment_id: str, job: str, dag_run_id: str, r: int, parent_id: str) -> Run:
     tags = {TAG_JOB: job, TAG_DAG_RUN: dag_run_id, TAG_ROUND: str(r), TAG_KIND: "round"}
     run = _find_run(c, experiment_id, tags)
     if run is not None:
@@ -139,8 +141,8 @@ def _param_value(value: object) -> str:
     return text[:6000]
 
 
-def log_round(c: MlflowClient, run_id: str, metrics: dict[str, float], params: dict[str, str],
-              tags: dict[str, str], step: int) -> None:
+def log_round(c: MlflowClient, run_id: str, metrics: Mapping[str, float], params: Mapping[str, object],
+              tags: Mapping[str, str], step: int) -> None:
     c.log_batch(
         run_id,
         metrics=[Metric(k, float(v), 0, step) for k, v in metrics.items()],
@@ -156,7 +158,9 @@ def ensure_registered_model(c: MlflowClient, name: str, job: str) -> None:
         )
 
 
-def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str | None = None):
+def find_version(
+    c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str | None = None
+) -> ModelVersion | None:
     """The version of round ``r`` registered before: by the same DAG run, or holding the same global."""
     for version in c.search_model_versions(f"name = '{name}'"):
         tags = version.tags
@@ -168,13 +172,13 @@ def find_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, 
 
 
 def register_version(c: MlflowClient, name: str, run_id: str, model_file: Path, tags: dict[str, str],
-                     description: str):
+                     description: str) -> ModelVersion:
     c.log_artifact(run_id, str(model_file), artifact_path="model")
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
     return c.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
 
 
-def champion(c: MlflowClient, name: str):
+def champion(c: MlflowClient, name: str) -> ModelVersion | None:
     try:
         return c.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:

@@ -106,6 +106,7 @@ def check(store: Store, keys: JobKeys, model_name: str, report: Report) -> None:
         if len(versions) > 1:
             report.fail(where, f"round {r} has {len(versions)} registry versions "
                                f"({', '.join('v' + v.version for v in versions)}); expected one")
+        assert result.new_global is not None  # committed (Result._committed_has_global)
         for v in versions:
             sha = (v.tags or {}).get("global_sha256")
             report.check(sha == result.new_global.sha256, f"{where} v{v.version}",

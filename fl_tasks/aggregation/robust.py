@@ -16,14 +16,14 @@ Memory is O(N x chunk) for every strategy here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 from fl_tasks.aggregation.fedavg import check_weights, write_mean
-from fl_tasks.aggregation.stream import UpdateSet, compute_dtype, decode, encode, writing
+from fl_tasks.aggregation.stream import TensorSpec, UpdateSet, compute_dtype, decode, encode, writing
 
 NETWORK_MAX_ROWS = 64
 
@@ -82,7 +82,7 @@ class _SortedChunks:
         self.size = updates.chunk_size(len(self.rows) + 1)
         self._work: dict[np.dtype, np.ndarray] = {}
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[str, TensorSpec, int, int, list[np.ndarray]]]:
         count = len(self.rows)
         for name, spec, start, stop, stack in self.updates.stacked(self.rows, spare_rows=1):
             n = stop - start
@@ -90,9 +90,9 @@ class _SortedChunks:
             if spec.storage == work_dtype:
                 work = stack  # sorted in place: the buffer is ours until the next chunk
             else:
-                work = self._work.get(work_dtype)
-                if work is None:
-                    work = self._work[work_dtype] = np.empty((count + 1, self.size), dtype=work_dtype)
+                if work_dtype not in self._work:
+                    self._work[work_dtype] = np.empty((count + 1, self.size), dtype=work_dtype)
+                work = self._work[work_dtype]
                 decode(stack[:count, :n], spec.dtype, work[:count, :n])
             yield name, spec, start, n, sorted_rows(work, count, n)
 
@@ -108,7 +108,9 @@ def _median_into(rows: list[np.ndarray], out: np.ndarray) -> None:
         np.multiply(out, 0.5, out=out)
 
 
-def _write_order_statistic(updates: UpdateSet, out_path: str | Path, reduce) -> None:
+def _write_order_statistic(
+    updates: UpdateSet, out_path: str | Path, reduce: Callable[[list[np.ndarray], np.ndarray], None]
+) -> None:
     rows = list(range(len(updates)))
     chunks = _SortedChunks(updates, rows)
     acc = np.empty(chunks.size, dtype=np.float64)

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -110,7 +110,7 @@ class SafetensorsFile:
     def read(self, name: str, start: int, out: np.ndarray) -> None:
         """Fill ``out`` (contiguous, storage dtype) with elements ``start:start+out.size`` of ``name``."""
         spec = self.specs[name]
-        view = memoryview(out).cast("B")
+        view = out.data.cast("B")
         self._fh.seek(self.offsets[name] + start * spec.storage.itemsize)
         done = 0
         while done < len(view):
@@ -193,6 +193,7 @@ class UpdateSet:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="airfed-read") as pool:
             pending = pool.submit(fill, 0) if plan else None
             for i, (name, spec, start, stop) in enumerate(plan):
+                assert pending is not None  # submitted for every i < len(plan)
                 buf = pending.result()
                 pending = pool.submit(fill, i + 1) if i + 1 < len(plan) else None
                 try:
@@ -257,7 +258,7 @@ class SafetensorsWriter:
         pos = self._base + offset + start * spec.storage.itemsize
         if pos != self._pos:
             self._fh.seek(pos)
-        chunk = memoryview(np.ascontiguousarray(data)).cast("B")
+        chunk = np.ascontiguousarray(data).data.cast("B")
         self._fh.write(chunk)
         self._pos = pos + len(chunk)
         self._written += len(chunk)
@@ -274,7 +275,9 @@ class SafetensorsWriter:
 
 
 @contextmanager
-def writing(path: str | Path, layout: list[tuple[str, TensorSpec]], metadata: dict[str, str] | None = None):
+def writing(
+    path: str | Path, layout: list[tuple[str, TensorSpec]], metadata: dict[str, str] | None = None
+) -> Iterator[SafetensorsWriter]:
     """A :class:`SafetensorsWriter` that is removed again if the block fails."""
     writer = SafetensorsWriter(path, layout, metadata)
     try:
@@ -312,9 +315,9 @@ def encode(values: np.ndarray, code: str, out: np.ndarray) -> None:
 
 
 # -- BLAS threads -------------------------------------------------------------------------------------
-def _openblas_controls() -> list[tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]]:
+def _openblas_controls() -> list[tuple[Callable[[], int], Callable[[int], object]]]:
     """(get, set) thread-count functions of every OpenBLAS loaded in this process (Linux)."""
-    controls = []
+    controls: list[tuple[Callable[[], int], Callable[[int], object]]] = []
     try:
         with open("/proc/self/maps") as maps:
             fields = [line.split() for line in maps]
@@ -342,7 +345,7 @@ def _openblas_controls() -> list[tuple[ctypes._CFuncPtr, ctypes._CFuncPtr]]:
 
 
 @contextmanager
-def single_threaded_blas():
+def single_threaded_blas() -> Iterator[None]:
     """Run NumPy's BLAS on one thread: the products here are small (N x chunk) and memory-bound, and
     on a shared machine BLAS worker threads spin against other processes. Also keeps reductions in a
     fixed order, so recomputing a round on the same kind of machine gives the same bytes."""

@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def missing_update_reason(env: StepEnv, r: int, silo: str) -> str:
 
 
 @contextmanager
-def scratch_dir():
+def scratch_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="airfed-") as tmp:
         yield Path(tmp)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import cast
 
 from fl_tasks import commit
 from fl_tasks.contract import SPEC_ENV
@@ -67,7 +68,7 @@ def _initial_global(env: StepEnv, spec: JobSpec, r: int, tmp: Path) -> Path:
     from fl_tasks.weights import save_state_dict
 
     path = tmp / "global.safetensors"
-    factory = load_object(model.init)
+    factory = load_object(cast(str, model.init))  # the spec gives exactly one of seed/init
     state = factory()
     log(f"round {r}: initial global model from {model.init} ({len(state)} tensors)")
     save_state_dict(state, path, metadata={"job": env.args.job, "round": str(r)})

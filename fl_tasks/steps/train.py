@@ -48,6 +48,7 @@ def run(env: StepEnv) -> None:
         reply = run_client_app(plan, silo, "train", state)
         seconds = time.time() - started
         arrays = reply.arrays
+        assert arrays is not None  # call_client_app refuses a train reply without an ArrayRecord
         dp = plan.differential_privacy
         if dp and dp.mode == "client":
             arrays, norm = clip_state(arrays, state, dp.clipping_norm)

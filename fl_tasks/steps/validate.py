@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fl_tasks.bridge import run_client_app
 from fl_tasks.guards import check_with_spec_guards
-from fl_tasks.records import Manifest, Verdict
+from fl_tasks.records import Manifest, Plan, PlanSilo, Verdict
 from fl_tasks.steps.common import StepEnv, current_manifest, log, missing_update_reason, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch
 from fl_tasks.weights import load_state_dict
@@ -32,7 +32,7 @@ def run(env: StepEnv) -> None:
     write_result(verdict.model_dump(include={"round", "silo", "accepted", "reason", "metrics"}))
 
 
-def _check(env: StepEnv, plan, silo, manifest: Manifest, head: dict) -> Verdict:
+def _check(env: StepEnv, plan: Plan, silo: PlanSilo, manifest: Manifest, head: dict) -> Verdict:
     with scratch_dir() as tmp:
         global_path = env.fetch(plan.input_global, tmp)
         try:

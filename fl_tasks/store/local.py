@@ -18,7 +18,9 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from fl_tasks.store.base import CHUNK, ChecksumMismatch, ObjectMissing, PreconditionFailed, Store, sha256_bytes
 
@@ -34,7 +36,7 @@ class LocalStore(Store):
             raise ValueError(f"store key {key!r} escapes the store root {self.root}")
         return path
 
-    def _atomic_write(self, key: str, write, *, exclusive: bool = False) -> str:
+    def _atomic_write(self, key: str, write: Callable[[IO[bytes]], str], *, exclusive: bool = False) -> str:
         """Write through a temporary file, then rename it over the key (or, ``exclusive``, link it
         to the key, which fails if the key exists: :class:`FileExistsError`)."""
         target = self._path(key)
@@ -56,7 +58,7 @@ class LocalStore(Store):
         return digest
 
     def _write_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> str:
-        def write(out) -> str:
+        def write(out: IO[bytes]) -> str:
             out.write(data)
             return sha256_bytes(data)
 
@@ -66,7 +68,7 @@ class LocalStore(Store):
         self.root.mkdir(parents=True, exist_ok=True)
 
     def put_file(self, key: str, path: str | Path) -> str:
-        def write(out) -> str:
+        def write(out: IO[bytes]) -> str:
             digest = hashlib.sha256()
             with open(path, "rb") as src:
                 while chunk := src.read(CHUNK):

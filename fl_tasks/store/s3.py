@@ -54,6 +54,7 @@ from minio import Minio
 from minio.credentials import IamAwsProvider, Provider, StaticProvider
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
+from minio.helpers import DictType
 from minio.sse import Sse
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import MaxRetryError, SSLError
@@ -321,8 +322,8 @@ class S3Store(Store):
                 "AWS_ENDPOINT_URL and the CA bundle (SSL_CERT_FILE)"
             )
         if isinstance(exc, Urllib3HTTPError | ConnectionError | TimeoutError):
-            reason = getattr(exc, "reason", None) or exc
-            return "transient", f"{type(exc).__name__}: {reason}"
+            cause = getattr(exc, "reason", None) or exc
+            return "transient", f"{type(exc).__name__}: {cause}"
         return "foreign", ""
 
     def _call(self, op: str, key: str | None, fn: Callable[[], T], *, where: str = "", advice: str = "") -> T:
@@ -488,14 +489,14 @@ class S3Store(Store):
                 def download() -> None:
                     if got.written and got.written == got.size:
                         return
-                    resume = {"If-Match": got.etag} if got.written and got.etag else None
+                    resume: DictType | None = {"If-Match": got.etag} if got.written and got.etag else None
                     try:
                         resp = self._client.get_object(self.bucket, name, offset=got.written, request_headers=resume)
                     except S3Error as exc:
                         if exc.code == "PreconditionFailed":  # replaced since the first attempt
                             out.seek(0)
                             out.truncate()
-                            got.__init__()
+                            _Download.__init__(got)
                             raise _Restart(f"{self.describe(key)} changed during download") from exc
                         raise
                     try:
@@ -534,6 +535,7 @@ class S3Store(Store):
     def _names(self, prefix: str) -> list[str]:
         """Full object names under ``prefix`` taken as a directory (``a`` matches ``a`` and ``a/...``)."""
         prefix = prefix.strip("/")
+        query: str | None
         if prefix:
             base = self._name(prefix)
             query, keep = base, (lambda n: n == base or n.startswith(f"{base}/"))

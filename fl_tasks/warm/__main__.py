@@ -69,7 +69,7 @@ def _ready(fd: int | None, message: str) -> None:
             os.close(fd)
 
 
-def serve(ns: argparse.Namespace) -> object:
+def serve(ns: argparse.Namespace) -> str | int | None:
     atexit.register(_exit_child_without_teardown)
     if ns.daemon:
         if os.fork():
@@ -108,7 +108,7 @@ def _ask(path: str, op: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> object:
+def main(argv: list[str] | None = None) -> str | int | None:
     ns = _parser().parse_args(argv)
     if ns.command == "serve":
         return serve(ns)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -42,7 +42,7 @@ DEFAULT_GRACE = 10.0
 log = logging.getLogger("airfed.launch")
 
 
-def step_python(python: str | Sequence[str] | None = None, env: dict[str, str] | None = None) -> list[str]:
+def step_python(python: str | Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> list[str]:
     """What argv[0] ``"python"`` runs: ``python`` if given, else ``AIRFED_STEP_PYTHON`` (shell-split),
     else this interpreter. The one place that decides the step interpreter."""
     if python is None:
@@ -238,6 +238,7 @@ class WarmStep(_StepBase):
                     ready, _, _ = select.select([self.sock], [], [], remaining)
                     if not ready:
                         raise TimeoutError(f"step {self.pid} still running after {timeout}s")
+                error: OSError | None
                 try:
                     frame = self.reader.read()
                 except OSError as exc:
@@ -556,7 +557,7 @@ def run(
         return step.wait()
 
 
-def launcher_from_env(env: dict[str, str] | None = None) -> SubprocessLauncher | WarmLauncher:
+def launcher_from_env(env: Mapping[str, str] | None = None) -> SubprocessLauncher | WarmLauncher:
     """The launcher ``AIRFED_STEP_LAUNCHER`` selects: ``warm`` (default) or ``subprocess``;
     ``AIRFED_STEP_PYTHON`` the step interpreter (see ``step_python``)."""
     env = os.environ if env is None else env

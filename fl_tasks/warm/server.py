@@ -75,7 +75,7 @@ class _Child:
     kill_at: float | None = None
 
 
-class _Forked(Exception):  # noqa: N818 - control flow, not an error
+class _Forked(Exception):  # control flow, not an error
     """Raised in a freshly forked child to unwind the server loop and hand over the request."""
 
     def __init__(self, request: StepRequest):
@@ -356,7 +356,7 @@ class WarmServer:
                 os.setsid()
                 self._become_child(conn)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - whatever it is, the child must not return into the server
                 os._exit(70)  # EX_SOFTWARE: could not even set up the child
             raise _Forked(request)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -466,7 +466,7 @@ class WarmServer:
         self.last_activity = time.monotonic()
 
 
-def run_step(request: StepRequest) -> Any:
+def run_step(request: StepRequest) -> str | int | None:
     """In the forked child: run ``python -m module args`` as a fresh interpreter would.
 
     Returns what the interpreter would exit with (a ``SystemExit`` code: None, an int or a
@@ -490,7 +490,7 @@ def run_step(request: StepRequest) -> Any:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # like CPython: die by SIGINT
         os.kill(os.getpid(), signal.SIGINT)
         return 1
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 - reported as the interpreter would, then exit 1
         tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
         sys.excepthook(type(exc), exc.with_traceback(tb), tb)  # without run_step's own frame
         return 1

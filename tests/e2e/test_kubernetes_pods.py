@@ -134,5 +134,3 @@ def test_one_round_on_a_real_cluster(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["state"] == "success" and summary["head_round"] >= 1
-
-

@@ -64,7 +64,7 @@ def request(method: str, url: str, body: dict | None = None, token: str | None =
         headers["Authorization"] = f"Bearer {token}"
 
     class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003 - see redirects as they are
+        def redirect_request(self, *args, **kwargs):  # see redirects as they are
             return None
 
     opener = urllib.request.build_opener(NoRedirect)

@@ -28,4 +28,3 @@ def train_and_commit(job: str, run_id: str, r: int) -> None:
     for silo in SILOS:
         step("train", job, run_id, r, silo)
     step("aggregate", job, run_id, r)
-

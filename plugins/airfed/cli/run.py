@@ -155,7 +155,7 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
     outcome = commit.chain_outcome(store, keys, run_ids, start)
     last = records[-1] if records else None
     chain_id = run_ids[0] if run_ids else None
-    summary = {
+    summary: dict[str, Any] = {
         "job": spec.job,
         "state": state,
         "dag_run_id": chain_id,

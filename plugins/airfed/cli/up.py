@@ -192,7 +192,7 @@ def report_exited(children: list[Child], when: str, out: TextIO) -> bool:
     """Print the log tail of every child server that has exited; True if any has."""
     dead = [c for c in children if not c.running()]
     for child in dead:
-        print(f"airfed: {child.name} exited {when} (code {child.proc.returncode}); "
+        print(f"airfed: {child.name} exited {when} (code {child.proc.returncode if child.proc else None}); "
               f"last lines of {child.log}:\n{child.tail()}", file=out, flush=True)
     return bool(dead)
 

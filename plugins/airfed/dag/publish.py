@@ -29,7 +29,7 @@ class InvalidJobSpecs(Exception):
 class InvalidSpecsReport(DAG):
     """Carries spec problems into Airflow's import errors; it is never bagged or scheduled."""
 
-    def validate(self) -> None:  # noqa: D102 - Airflow calls this before bagging
+    def validate(self) -> None:  # Airflow calls this before bagging
         raise InvalidJobSpecs(self.description)
 
 
@@ -55,7 +55,7 @@ def build_all(paths: list[Path]) -> tuple[dict[str, DAG], list[Problem]]:
             origin[spec.job] = path
         except SpecError as exc:
             problems.extend(exc.problems)
-        except Exception as exc:  # a builder bug in one spec must not hide the others either
+        except Exception as exc:  # noqa: BLE001 - a builder bug in one spec must not hide the others either
             problems.append(Problem(str(path), None, "<dag>", f"{type(exc).__name__}: {exc}"))
     return dags, problems
 

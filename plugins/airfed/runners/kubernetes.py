@@ -36,6 +36,7 @@ from airflow.providers.cncf.kubernetes.secret import Secret
 from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from kubernetes.client import models as k8s
 
+from airfed.runners import OperatorFactory
 from airfed.ui.links import step_links
 from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, SILO_STEPS, SKIP_EXIT_CODE, StepCall
 from fl_tasks.spec import JobSpec, Placement, SecretRef
@@ -202,7 +203,7 @@ def step_pod_operators(spec: JobSpec, step: str, call: StepCall | list[StepCall]
     return [FlStepPodOperator(**step_kwargs(spec, step, options), **pod_kwargs(spec, c)) for c in calls]
 
 
-def kubernetes_tasks(spec: JobSpec):
+def kubernetes_tasks(spec: JobSpec) -> OperatorFactory:
     """The operator factory of the kubernetes runner for ``spec`` (see ``airfed.runners``)."""
 
     def make(step: str, call: StepCall | list[StepCall], options: dict[str, Any]) -> Any:

@@ -34,7 +34,7 @@ class LocalStepOperator(BaseOperator):
     ui_color = "#e8f4ea"
     operator_extra_links = step_links()  # MLflow round run + registered model version
 
-    def __init__(self, *, step: str, argv: list[str], env: dict[str, str], silo: str | None = None, **kwargs):
+    def __init__(self, *, step: str, argv: list[str], env: dict[str, str], silo: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.step = step
         self.argv = argv

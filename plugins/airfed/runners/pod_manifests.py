@@ -74,7 +74,7 @@ def render_round(spec: JobSpec, *, round_number: int | str, run_id: str) -> list
         for op in step_pod_operators(spec, step, calls[step], task_options(spec, step))
     ]
     serialize = ApiClient().sanitize_for_serialization
-    with stand_in_connections({op.kubernetes_conn_id for _, op in operators}):
+    with stand_in_connections({op.kubernetes_conn_id for _, op in operators if op.kubernetes_conn_id}):
         return [
             RenderedPod(op.task_id, step, op.silo, op.kubernetes_conn_id,
                         serialize(op.build_pod_request_obj(dry_run=True)))

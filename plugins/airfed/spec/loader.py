@@ -64,7 +64,7 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 def _duplicate_keys(node: yaml.Node | None, path: str = "") -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     if isinstance(node, yaml.MappingNode):
-        seen: set[tuple[str, str]] = set()
+        seen: set[str] = set()
         for key, value in node.value:
             name = str(key.value)
             if name in seen:

@@ -264,7 +264,7 @@ class AirflowAuth:
             raise NotAuthenticated()
         try:
             return await get_auth_manager().get_user_from_token(token)
-        except Exception as exc:  # noqa: BLE001 - expired / invalid token
+        except Exception as exc:  # expired / invalid token (re-raised as NotAuthenticated)
             raise NotAuthenticated() from exc
 
     def can_read_dag(self, user: Any, dag_id: str) -> bool:

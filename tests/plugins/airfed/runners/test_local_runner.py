@@ -178,7 +178,7 @@ def test_on_kill_kills_the_steps_process_group(launcher_kind, tmp_path):
     def execute() -> None:
         try:
             task.execute({})
-        except BaseException as exc:  # noqa: BLE001 - what the task raised is the assertion
+        except BaseException as exc:  # what the task raised is the assertion
             outcome.append(exc)
 
     thread = threading.Thread(target=execute)

@@ -22,11 +22,11 @@ A run that loses writes ``lost/<dag_run_id>.json`` (:class:`~fl_tasks.records.Lo
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fl_tasks.paths import env_number
 from fl_tasks.records import Head, LostRound, Plan, Result
 from fl_tasks.store import JobKeys, ObjectMissing, PreconditionFailed, Store
 
@@ -64,23 +64,14 @@ class StaleInput(RoundConflict):
     stage = "input"
 
 
-def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number of seconds") from None
-
 
 def claim_wait_seconds() -> float:
     """How long distribute waits for a claimed round to be committed by its owner (default 0: abort)."""
-    return _env_seconds(WAIT_ENV, 0.0)
+    return env_number(WAIT_ENV, 0.0, float, "a number of seconds")
 
 
 def claim_lease_seconds() -> float:
-    return _env_seconds(LEASE_ENV, DEFAULT_LEASE)
+    return env_number(LEASE_ENV, DEFAULT_LEASE, float, "a number of seconds")
 
 
 def _same_claim(a: Plan, b: Plan) -> bool:

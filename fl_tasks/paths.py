@@ -1,4 +1,5 @@
-"""Where airfed keeps things, and how paths and URLs are shown. Pure (stdlib only).
+"""Where airfed keeps things, how paths and URLs are shown, and numeric settings from the environment.
+Pure (stdlib only).
 
 The Airflow side imports these too (``airfed_home``, ``redact_uri``), so each fact lives here once.
 """
@@ -6,8 +7,12 @@ The Airflow side imports these too (``airfed_home``, ``redact_uri``), so each fa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+N = TypeVar("N", int, float)
 
 
 def airfed_home() -> Path:
@@ -31,3 +36,15 @@ def redact_uri(uri: str) -> str:
         host = f"[{host}]"
     netloc = f"***@{host}" + (f":{parsed.port}" if parsed.port else "")
     return urlunsplit((parsed.scheme, netloc, parsed.path, parsed.query, parsed.fragment))
+
+
+def env_number(name: str, default: N, kind: Callable[[str], N], what: str) -> N:
+    """A non-negative number from env var ``name`` (``default`` when unset or empty); a clear error
+    naming the variable and its value otherwise (``what``: e.g. "a number of seconds")."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return max(kind("0"), kind(raw))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not {what}") from None

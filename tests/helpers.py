@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +126,17 @@ def airflow_runs(home: Path, dag_id: str) -> list[tuple[str, str, str]]:
         ).fetchall()
     finally:
         db.close()
+
+
+def gone(pid: int, timeout: float = 20.0) -> bool:
+    """True once ``pid`` no longer runs (absent or a zombie awaiting its reaper)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False

@@ -60,6 +60,7 @@ from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import MaxRetryError, SSLError
 from urllib3.util import Retry, Timeout
 
+from fl_tasks.paths import env_number
 from fl_tasks.store.base import CHUNK, ChecksumMismatch, ObjectMissing, PreconditionFailed, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -159,25 +160,6 @@ def _status_of(exc: InvalidResponseError) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return max(0, int(value))
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number") from None
-
 
 def parse_endpoint(endpoint: str) -> tuple[str, bool, str]:
     """``AWS_ENDPOINT_URL`` → (host[:port], secure, display URL without any userinfo)."""
@@ -236,8 +218,11 @@ class S3Store(Store):
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         netloc, secure, self.endpoint = parse_endpoint(endpoint or DEFAULT_ENDPOINT)
         self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
-        self.retries = _env_int("AIRFED_S3_RETRIES", DEFAULT_RETRIES) if retries is None else retries
-        self.backoff = _env_float("AIRFED_S3_BACKOFF", DEFAULT_BACKOFF) if backoff is None else backoff
+        if retries is None:
+            retries = env_number("AIRFED_S3_RETRIES", DEFAULT_RETRIES, int, "an integer")
+        if backoff is None:
+            backoff = env_number("AIRFED_S3_BACKOFF", DEFAULT_BACKOFF, float, "a number")
+        self.retries, self.backoff = retries, backoff
         self.part_size = part_size
         if credentials is None:
             credentials = _credentials_from_env()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import gone
 
 from fl_tasks.warm import LaunchError, SubprocessLauncher, WarmLauncher, WarmUnavailable, launcher_from_env, run
 from fl_tasks.warm.launch import SubprocessStep
@@ -47,18 +48,6 @@ def zombies_of(pid: int) -> list[int]:
     return found
 
 
-def gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once ``pid`` no longer runs (absent or a zombie awaiting its reaper)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def stop_server(launcher: WarmLauncher, env: dict[str, str], cwd: str = HERE) -> None:

@@ -15,12 +15,11 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from airfed.runners.local import LocalStepOperator, local_task
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
-from helpers import EXAMPLE_SPEC, REPO, TESTS, stop_warm_servers
+from helpers import EXAMPLE_SPEC, REPO, TESTS, gone, stop_warm_servers
 
 from fl_tasks.warm import SubprocessLauncher, WarmLauncher, launcher_from_env, step_command, step_python
 
@@ -108,17 +107,6 @@ def run_logged(task: RecordedStepOperator) -> tuple[object, list[str]]:
     return result, task.log.messages
 
 
-def gone(pid: int, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_the_launcher_is_the_one_the_env_selects(launcher_kind):

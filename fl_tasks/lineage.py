@@ -98,7 +98,7 @@ def prepare_sqlite(uri: str) -> None:
 def client() -> MlflowClient:
     uri = tracking_uri()
     prepare_sqlite(uri)
-    mlflow.set_tracking_uri(uri)
+    # the client carries the URI: no process-wide mlflow.set_tracking_uri (it would outlive this call)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -108,16 +108,3 @@ def test_the_deployed_form_runs_the_digits_job_end_to_end(envs, tmp_path):
     assert summary["objects"] >= 1 + ROUNDS * (4 + 2 * 3)  # HEAD, per round plan/global/result/registry + updates
     rounds = ", ".join(map(str, range(1, ROUNDS + 1)))  # airfed verify --all recomputed them from S3
     assert summary["verify"].endswith(f"round(s) {rounds} verified ({rehearse.STORE_URL})"), summary["verify"]
-
-
-def test_the_local_runner_runs_a_steps_python_with_airfed_step_python(monkeypatch):
-    """The rehearsal's stand-in for the fl-task image: the StepCall's ``python`` is AIRFED_STEP_PYTHON."""
-    from airfed.runners.local import STEP_PYTHON_ENV, LocalStepOperator
-
-    op = LocalStepOperator(task_id="t", step="train", argv=["python", "-m", "fl_tasks", "train"], env={})
-    monkeypatch.delenv(STEP_PYTHON_ENV, raising=False)
-    assert op._command() == [sys.executable, "-m", "fl_tasks", "train"]
-    monkeypatch.setenv(STEP_PYTHON_ENV, "/opt/steps/bin/python -X faulthandler")
-    assert op._command() == ["/opt/steps/bin/python", "-X", "faulthandler", "-m", "fl_tasks", "train"]
-    other = LocalStepOperator(task_id="u", step="train", argv=["/bin/echo", "x"], env={})
-    assert other._command() == ["/bin/echo", "x"]

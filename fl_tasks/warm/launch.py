@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,14 @@ def step_command(argv: list[str], python: str | Sequence[str] | None = None) -> 
     if argv[:1] != ["python"]:
         return list(argv)
     return [*step_python(python), *argv[1:]]
+
+
+def interpreter_identity(path: str) -> str:
+    """One name per interpreter for the server key: ``.venv/bin/python`` and ``.venv/bin/python3.11``
+    (what Airflow's task processes report) are the same one. A venv is its bin directory plus the
+    binary it links to, so two venvs over one base interpreter stay apart."""
+    full = shutil.which(path) or path
+    return f"{os.path.realpath(os.path.dirname(full))}:{os.path.realpath(full)}"
 
 
 class LaunchError(RuntimeError):
@@ -325,7 +334,8 @@ class WarmLauncher:
         return protocol.run_dir(env)
 
     def socket_path(self, argv: list[str], env: dict[str, str], cwd: str | None = None) -> Path:
-        python = shlex.join(self.interpreter(argv))
+        interpreter = self.interpreter(argv)
+        python = shlex.join([interpreter_identity(interpreter[0]), *interpreter[1:]])
         cwd = os.path.realpath(cwd or os.getcwd())
         preload = self.preload if self.default_preload else ("--no-default-preload", *self.preload)
         return protocol.socket_path(self.run_dir(env), protocol.server_key(python, env, cwd, preload))

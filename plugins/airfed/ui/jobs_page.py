@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
@@ -33,6 +34,11 @@ DEFAULT_ROUNDS = 10
 MAX_ROUNDS = 200
 #: A store that does not answer within this many seconds is reported instead of hanging the page.
 STORE_TIMEOUT_SECONDS = 10.0
+#: Store reads in flight at most, across all requests: a dead or hanging store holds at most this
+#: many threads (a read that never returns keeps its thread; later requests are answered "busy").
+STORE_READERS = 4
+_store_pool = concurrent.futures.ThreadPoolExecutor(max_workers=STORE_READERS, thread_name_prefix="airfed-store")
+_store_slots = threading.BoundedSemaphore(STORE_READERS)
 URL_PREFIX = "/airfed"
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -112,6 +118,25 @@ def _store_rounds(store: Any, job: str, last: int, ui: str, prefix: str) -> tupl
     return head_round, rows
 
 
+class StoreBusy(Exception):
+    """Every store reader is still waiting on the store: no new read is started."""
+
+
+def _read_bounded(read: Callable[..., Any], *args: Any) -> Any:
+    """``read(*args)`` on the shared store-reader pool, within STORE_TIMEOUT_SECONDS; StoreBusy when
+    all STORE_READERS are still stuck on earlier reads (so threads never pile up behind a dead store)."""
+    if not _store_slots.acquire(blocking=False):
+        raise StoreBusy(f"is not answering: {STORE_READERS} earlier reads are still waiting")
+
+    def run() -> Any:
+        try:
+            return read(*args)
+        finally:
+            _store_slots.release()
+
+    return _store_pool.submit(run).result(timeout=STORE_TIMEOUT_SECONDS)
+
+
 def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefix: str) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "job": spec.job,
@@ -136,16 +161,14 @@ def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefi
             "champion": None,
         },
     }
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
-        future = pool.submit(_store_rounds, store, spec.job, last, ui, prefix)
-        entry["head_round"], entry["rounds"] = future.result(timeout=STORE_TIMEOUT_SECONDS)
+        entry["head_round"], entry["rounds"] = _read_bounded(_store_rounds, store, spec.job, last, ui, prefix)
+    except StoreBusy as exc:
+        entry["error"] = f"the store {store.url} {exc}"
     except concurrent.futures.TimeoutError:
         entry["error"] = f"the store {store.url} did not answer within {STORE_TIMEOUT_SECONDS:.0f}s"
     except Exception as exc:  # noqa: BLE001 - one unreadable job must not hide the others
         entry["error"] = f"reading the store {store.url} failed: {type(exc).__name__}: {exc}"
-    finally:
-        pool.shutdown(wait=False)
     registered = [r for r in entry["rounds"] if r["registry_version"] is not None]
     if registered:
         latest = registered[-1]
@@ -158,8 +181,10 @@ def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefi
     return entry
 
 
-def collect_jobs(folder: Path | None = None, last: int = DEFAULT_ROUNDS, store: Any = None) -> dict[str, Any]:
-    """Every valid spec in ``folder`` (default: Airflow's DAGs folder) with its recent rounds."""
+def collect_jobs(folder: Path | None = None, last: int = DEFAULT_ROUNDS, store: Any = None,
+                 can_read: Callable[[str], bool] = lambda _job: True) -> dict[str, Any]:
+    """Every valid spec in ``folder`` (default: Airflow's DAGs folder) whose DAG ``can_read`` allows,
+    with its recent rounds; the store is read only for those (authorization first)."""
     from airfed.spec import SpecError, find_specs, load_spec
     from fl_tasks.store import open_store
 
@@ -176,7 +201,8 @@ def collect_jobs(folder: Path | None = None, last: int = DEFAULT_ROUNDS, store: 
         except SpecError as exc:
             problems.extend(str(p) for p in exc.problems)
             continue
-        jobs.append(_job_entry(spec, path, store, last, ui, prefix))
+        if can_read(spec.job):
+            jobs.append(_job_entry(spec, path, store, last, ui, prefix))
     return {
         "dags_folder": str(folder),
         "store_url": store.url,
@@ -297,8 +323,12 @@ def create_app(auth: Any = None, collect: Callable[..., dict[str, Any]] = collec
 
     async def jobs_for(request: Request, rounds: int) -> dict[str, Any]:
         user = await auth.user(request)
-        data = await run_in_threadpool(collect, None, rounds)
-        return readable_jobs(data, lambda dag_id: auth.can_read_dag(user, dag_id))
+
+        def can_read(dag_id: str) -> bool:
+            return bool(auth.can_read_dag(user, dag_id))
+
+        data = await run_in_threadpool(collect, None, rounds, can_read=can_read)
+        return readable_jobs(data, can_read)  # whatever ``collect`` is, only readable DAGs leave
 
     @app.exception_handler(NotAuthenticated)
     async def unauthenticated(request: Request, exc: NotAuthenticated) -> Any:

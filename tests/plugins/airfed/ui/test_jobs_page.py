@@ -4,10 +4,12 @@ and the app serving only the jobs whose DAG the user may read."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
+from airfed.ui import jobs_page
 from airfed.ui.jobs_page import collect_jobs, create_app, readable_jobs, render_html
 from helpers import EXAMPLE_SPEC
 
@@ -111,7 +113,7 @@ class FakeAuth:
 def test_app_needs_a_login_and_lists_only_readable_dags(sample):
     from starlette.testclient import TestClient
 
-    client = TestClient(create_app(FakeAuth(), collect=lambda _folder, _rounds: sample["data"]))
+    client = TestClient(create_app(FakeAuth(), collect=lambda _folder, _rounds, **_: sample["data"]))
     assert client.get("/api/jobs").status_code == 401
     login = client.get("/", follow_redirects=False)
     assert login.status_code == 303 and login.headers["location"] == "/auth/login?next=/airfed/"
@@ -133,3 +135,42 @@ def test_templates_ship_with_the_package():
 
     names = {p.name for p in Path(jobs_page.TEMPLATES).iterdir()}
     assert {"jobs.html", "macros.html", "jobs.css"} <= names
+
+
+class RecordingStore:
+    """A local store that records every key read and can hang every read until released."""
+
+    def __init__(self, path: Path, hang: bool = False):
+        self.inner = open_store(f"file://{path}")
+        self.url = self.inner.url
+        self.keys_read: list[str] = []
+        self.hang = hang
+        self.release = threading.Event()
+
+    def get_json_or_none(self, key: str):
+        self.keys_read.append(key)
+        if self.hang:
+            self.release.wait(60)
+        return self.inner.get_json_or_none(key)
+
+
+def test_the_store_is_read_only_for_jobs_the_user_may_read(sample, tmp_path):
+    store = RecordingStore(tmp_path / "store")
+    data = collect_jobs(sample["folder"], last=10, store=store, can_read=lambda job: job == "other")
+    assert [j["job"] for j in data["jobs"]] == ["other"]
+    assert store.keys_read and all(key.startswith("other/") for key in store.keys_read)
+
+
+def test_a_hanging_store_holds_a_bounded_number_of_threads(sample, tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs_page, "STORE_TIMEOUT_SECONDS", 0.2)
+    store = RecordingStore(tmp_path / "store", hang=True)
+    before = threading.active_count()
+    try:
+        for _ in range(5):  # five page loads of two jobs each against a store that never answers
+            data = collect_jobs(sample["folder"], last=10, store=store)
+            assert all(job["error"] for job in data["jobs"])
+        stuck = threading.active_count() - before
+        assert stuck <= jobs_page.STORE_READERS
+        assert "earlier reads are still waiting" in data["jobs"][-1]["error"]
+    finally:
+        store.release.set()

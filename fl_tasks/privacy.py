@@ -53,15 +53,9 @@ def clip_file(update_path: str | Path, global_path: str | Path, out_path: str | 
     with safe_open(str(update_path), framework="pt") as up, safe_open(str(global_path), framework="pt") as gl:
         update = {name: up.get_tensor(name) for name in up.keys()}
         global_state = {name: gl.get_tensor(name) for name in update}
-    norm = float_update_norm(update, global_state)
-    factor = clip_factor(norm, clipping_norm)
-    out = {
-        name: (global_state[name].double() + (t.double() - global_state[name].double()) * factor).to(t.dtype)
-        if t.is_floating_point() else t
-        for name, t in update.items()
-    }
-    save_state_dict(out, out_path)
-    return factor, norm
+    clipped, norm = clip_state(update, global_state, clipping_norm)  # the same arithmetic as client side
+    save_state_dict(clipped, out_path)
+    return clip_factor(norm, clipping_norm), norm
 
 
 def add_gaussian_noise(path: str | Path, stddev: float, seed: int | None = None) -> None:

@@ -269,6 +269,15 @@ def stop_all(services: list[Service], marker: str, timeout: float = 30.0) -> lis
     return killed
 
 
+def stop_warm_servers(warm_dir: Path) -> list[int]:
+    """Stop the warm step servers listening in ``warm_dir`` (they outlive the tasks that started them)."""
+    from fl_tasks.warm import stop_servers  # stdlib-only client; the rehearsal runs from the dev venv
+
+    pids = stop_servers(warm_dir, timeout=20)
+    shutil.rmtree(warm_dir, ignore_errors=True)
+    return pids
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -421,6 +430,9 @@ class Deployment:
         self.dags = self.home / "dags"
         self.logs = self.home / "logs"
         self.store_url = STORE_URL
+        # the warm step servers' sockets: a short directory of our own (a long one would fall back to a
+        # shared temp directory), so teardown finds and stops every server the steps started
+        self.warm_dir = Path(tempfile.mkdtemp(prefix="afw-", dir="/tmp"))
 
     # environments of the processes, as the deployment's pods would set them
     def s3_env(self) -> dict[str, str]:
@@ -442,6 +454,7 @@ class Deployment:
             "AIRFED_HOME": str(self.home),
             "AIRFED_STORE_URL": self.store_url,
             "AIRFED_STEP_PYTHON": self.envs["steps"].python,  # the fl-task image's interpreter
+            "AIRFED_WARM_DIR": str(self.warm_dir),
             "MLFLOW_TRACKING_URI": self.mlflow,
             "AIRFLOW_HOME": str(self.airflow_home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
@@ -805,6 +818,9 @@ def rehearse(envs: dict[str, Env], home: Path, rounds: int = 2, tools_python: st
         killed = stop_all(deployment.services, deployment.marker)
         if killed:
             say(f"killed what did not stop on SIGTERM: {killed}")
+        stopped = stop_warm_servers(deployment.warm_dir)
+        if stopped:
+            say(f"stopped the warm step server(s) of the steps env: {stopped}")
         left = marked_processes(deployment.marker)
         check(not left, f"processes left running: {left}")
     summary["seconds"] = round(time.monotonic() - started)

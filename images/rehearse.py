@@ -222,9 +222,10 @@ class Service:
         return True
 
 
-def marked_processes(marker: str) -> list[tuple[int, str]]:
-    """(pid, command line) of live processes carrying ``MARKER_ENV=marker`` (a step in its own session too)."""
-    needle = f"{MARKER_ENV}={marker}\0".encode()
+def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live, non-zombie processes whose environment has ``name=value`` (whatever
+    session they run in): how everything a deployment started is found, even a step in its own session."""
+    needle = f"{name}={value}\0".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
@@ -239,6 +240,11 @@ def marked_processes(marker: str) -> list[tuple[int, str]]:
         except OSError:
             continue
     return found
+
+
+def marked_processes(marker: str) -> list[tuple[int, str]]:
+    """The processes of this rehearsal (they carry ``MARKER_ENV=marker``)."""
+    return processes_with_env(MARKER_ENV, marker)
 
 
 def stop_all(services: list[Service], marker: str, timeout: float = 30.0) -> list[str]:

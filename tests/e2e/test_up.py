@@ -31,6 +31,9 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
+sys.path.insert(0, str(REPO / "images"))
+from rehearse import processes_with_env
+
 SCREENSHOTS = REPO / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 STARTUP_TIMEOUT = 600
@@ -84,21 +87,7 @@ def get_json(url: str, token: str | None = None) -> dict:
 
 def processes_with_home(home: Path) -> list[tuple[int, str]]:
     """(pid, command line) of live processes whose environment has AIRFED_HOME=<home> (all descendants)."""
-    needle = f"AIRFED_HOME={home}\0".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes() + b"\0":
-                stat = (proc / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] == "Z":  # a zombie waiting for its parent: gone
-                    continue
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append((int(proc.name), cmdline))
-        except OSError:
-            continue
-    return found
+    return processes_with_env("AIRFED_HOME", str(home))
 
 
 class Up:

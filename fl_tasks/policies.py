@@ -270,3 +270,29 @@ def check_isolation(result: JobPolicies, silo_stores: dict[str, StoreLocation]) 
         for store in silo_stores.values():
             if allows(result.policies[result.ui], "s3:PutObject", store.arn(keys.head)):
                 raise PolicyError(f"policy {result.ui} may write {store.arn(keys.head)}")
+
+
+# -- the other half: each identity's key must reach only that identity's pods -----------------------
+def credential_sharing(spec: JobSpec) -> list[str]:
+    """Where the spec's placements let one identity's pods hold another's store key, whatever the
+    policies say: a Secret named by several placements in one namespace, and namespaces several
+    identities share (a pod may mount any Secret of its namespace). Meant as warnings: a Secret
+    shared on purpose (e.g. an image registry's) is not a store key. Only the kubernetes runner
+    keeps identities apart: the local one runs every step with the worker's environment."""
+    if spec.runner != "kubernetes":
+        return []
+    secrets: dict[tuple[str | None, str | None, str], list[str]] = {}
+    namespaces: dict[tuple[str | None, str | None], list[str]] = {}
+    placements = [("the server steps", spec.placement)] + [(f"silo {s.name}", s.placement) for s in spec.silos]
+    for who, placement in placements:
+        where = (placement.kubernetes_conn_id, placement.namespace)
+        namespaces.setdefault(where, []).append(who)
+        for ref in placement.secrets:
+            secrets.setdefault((*where, ref.secret), []).append(who)
+    problems = [f"Secret {secret!r} (namespace {ns or 'default'}) is given to {' and '.join(who)}: if it holds "
+                "store credentials, each needs a key (and Secret) of its own"
+                for (_, ns, secret), who in secrets.items() if len(who) > 1]
+    problems += [f"{' and '.join(who)} run in one namespace ({ns or 'default'}): their pods could mount each "
+                 "other's Secrets; give each silo a namespace of its own"
+                 for (_, ns), who in namespaces.items() if len(who) > 1]
+    return problems

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fl_tasks.policies import DEFAULT_STORE_URL, FORMATS, STORE_URL_ENV, PolicyError, generate
+from fl_tasks.policies import DEFAULT_STORE_URL, FORMATS, STORE_URL_ENV, PolicyError, credential_sharing, generate
 
 
 def policies(ns: argparse.Namespace) -> int:
@@ -34,6 +34,8 @@ def policies(ns: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"{ns.spec}: {exc}", file=sys.stderr)
         return 1
+    for problem in credential_sharing(spec):
+        print(f"airfed policies: warning: {ns.spec}: {problem}", file=sys.stderr)
     if ns.out:
         out = Path(ns.out)
         out.mkdir(parents=True, exist_ok=True)

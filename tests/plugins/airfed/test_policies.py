@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from airfed.cli import main as airfed
 from airfed.spec import load_spec
 from helpers import EXAMPLE_SPEC
@@ -177,3 +178,30 @@ def test_cli_reports_a_bad_store_url_and_exits_1(tmp_path: Path, capsys):
     assert airfed(["policies", str(spec)]) == 1
     err = capsys.readouterr().err
     assert f"{spec}: silo us: AIRFED_STORE_URL='/srv/store' is not an s3://bucket/prefix store" in err
+
+
+def test_placements_that_would_share_a_key_are_named(tmp_path: Path, capsys):
+    """The chart's CI job: asia and jp share a namespace. Then a silo given the server's Secret."""
+    from helpers import REPO
+
+    from fl_tasks.policies import credential_sharing
+
+    values = yaml.safe_load((REPO / "helm/airfed/ci/multi-silo-values.yaml").read_text())
+    (text,) = values["jobs"].values()
+    spec = tmp_path / "federated-digits.yaml"
+    spec.write_text(text)
+    assert airfed(["policies", str(spec)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"airfed policies: warning: {spec}: silo asia and silo jp run in one namespace (fl-apac): their pods "
+        "could mount each other's Secrets; give each silo a namespace of its own"]
+
+    loaded = load_spec(spec)
+    us = loaded.silos[0]
+    server_ns = us.placement.model_copy(update={"namespace": "fl-server", "secrets": loaded.placement.secrets})
+    shared = loaded.model_copy(update={"silos": [us.model_copy(update={"placement": server_ns})]})
+    assert credential_sharing(shared) == [
+        "Secret 'fl-server-store' (namespace fl-server) is given to the server steps and silo us: if it holds "
+        "store credentials, each needs a key (and Secret) of its own",
+        "the server steps and silo us run in one namespace (fl-server): their pods could mount each other's "
+        "Secrets; give each silo a namespace of its own"]
+    assert credential_sharing(load_spec(EXAMPLE_SPEC)) == []  # the local runner: nothing to keep apart

@@ -3,7 +3,8 @@
 Three kinds of identity touch a job's objects in the store (:class:`~fl_tasks.store.JobKeys`):
 
 - **a silo** (its train, validate and evaluate steps) reads the round's ``plan.json``, its
-  ``global.safetensors`` and ``result.json`` (evaluate learns the new global from it), and reads
+  ``global.safetensors``, ``result.json`` (evaluate learns the new global from it) and ``HEAD.json``
+  (which holds the result's sha256), and reads
   and writes only its own objects: ``updates/<silo>.safetensors``, ``updates/<silo>.json``,
   ``updates/<silo>.status.json``, ``validation/<silo>.json``, ``evaluation/<silo>.json``;
 - **the server** (distribute, aggregate, register) reads and writes everything of the job;
@@ -120,9 +121,9 @@ def any_round(keys: JobKeys, key_of: Callable[[int], str]) -> str:
 
 
 def round_reads(keys: JobKeys) -> list[str]:
-    """What every silo reads of a round: the plan, the global it trains from, the committed result
-    (evaluate finds the new global there)."""
-    return [any_round(keys, keys.plan), any_round(keys, keys.global_model), any_round(keys, keys.result)]
+    """What every silo reads: a round's plan, the global it trains from, the committed result
+    (evaluate finds the new global there), and HEAD (which records the result's sha256)."""
+    return [any_round(keys, keys.plan), any_round(keys, keys.global_model), any_round(keys, keys.result), keys.head]
 
 
 def per_silo_keys(keys: JobKeys) -> tuple[Callable[[int, str], str], ...]:

@@ -9,6 +9,8 @@ its store policy allows) before aggregate runs:
 - a manifest pointing at another silo's update (that silo's sha256 included): rejected.
 
 In both cases the committed global is FedAvg over the other silos' updates only, recomputed here.
+After the commit, evaluate and register refuse a result.json that is not the one HEAD records, and
+register tags the version with the checksums the aggregator verified.
 """
 
 from __future__ import annotations
@@ -121,24 +123,25 @@ def test_a_verdict_of_another_run_says_nothing_about_this_update(job, tmp_path):
     assert sorted(result.accepted) == sorted(SILOS) and result.rejected == {}
 
 
-def test_register_records_what_the_aggregator_verified(job, tmp_path):
-    """register checks result.json against HEAD's sha256, and tags the registered version with the
-    update checksums of result.json, not with what a silo's manifest says after the commit."""
+def test_evaluate_and_register_check_the_result_and_record_what_the_aggregator_verified(job, tmp_path):
+    """evaluate and register check result.json against HEAD's sha256; register tags the registered
+    version with the update checksums of result.json, not with what a silo's manifest says later."""
     from fl_tasks import lineage
 
     train_round(job, validate=False)
     assert step("aggregate", job, RUN, 1) == 0
-    for silo in SILOS:
-        assert step("evaluate", job, RUN, 1, silo) == 0
     store, keys = open_store(), JobKeys(job)
     result, _ = committed_global(store, keys, tmp_path)
 
     committed_bytes = store.get_bytes(keys.result(1))
     store.put_record(keys.result(1), result.model_copy(update={"rejected": {"eu": "forged"}}))
-    with pytest.raises(ChecksumMismatch, match=r"result\.json"):
-        step("register", job, RUN, 1)
+    for name, silo in (("evaluate", "us"), ("register", None)):
+        with pytest.raises(ChecksumMismatch, match=r"result\.json"):
+            step(name, job, RUN, 1, silo)
     store.put_bytes(keys.result(1), committed_bytes)
 
+    for silo in SILOS:
+        assert step("evaluate", job, RUN, 1, silo) == 0
     us = store.get_record(keys.manifest(1, "us"), Manifest)
     store.put_record(keys.manifest(1, "us"), us.model_copy(update={"sha256": "f" * 64}))
     assert step("register", job, RUN, 1) == 0

@@ -76,10 +76,10 @@ def test_a_silo_writes_its_own_keys_and_nothing_else(digits, fmt):
         for key in own_and_others(keys, "ab", r) + own_and_others(keys, "x-a", r) + own_and_others(other_job, "a", r):
             for action in ("s3:GetObject", *WRITES):
                 assert not allows(policy, action, store.arn(key)), (action, key)
-        for key in (keys.plan(r), keys.global_model(r), keys.result(r)):
+        for key in (keys.plan(r), keys.global_model(r), keys.result(r), keys.head):
             assert allows(policy, "s3:GetObject", store.arn(key))
             assert not any(allows(policy, a, store.arn(key)) for a in WRITES), key
-        for key in (keys.head, keys.registry(r), keys.server_state(r), keys.lost("run"), keys.convergence_plot):
+        for key in (keys.registry(r), keys.server_state(r), keys.lost("run"), keys.convergence_plot):
             assert not any(allows(policy, a, store.arn(key)) for a in ("s3:GetObject", *WRITES)), key
         assert not allows(policy, "s3:GetObject", StoreLocation("other-bucket", "fl").arn(keys.plan(r)))
 
@@ -167,8 +167,9 @@ def test_cli_without_a_store_says_which_it_assumed(capsys, monkeypatch):
     assert airfed(["policies", str(EXAMPLE_SPEC)]) == 0
     out = capsys.readouterr()
     assert "names no s3:// store" in out.err and "s3://airfed/fl" in out.err
-    assert "arn:aws:s3:::airfed/fl/digits/HEAD.json" not in out.out  # the server's pattern covers it
-    assert "arn:aws:s3:::airfed/fl/digits/*" in json.dumps(json.loads(out.out)["digits-server"])
+    printed = json.loads(out.out)
+    assert printed["digits-server"]["Statement"][0]["Resource"] == ["arn:aws:s3:::airfed/fl/digits/*"]
+    assert "arn:aws:s3:::airfed/fl/digits/HEAD.json" in printed["digits-silo-us"]["Statement"][0]["Resource"]
 
 
 def test_cli_reports_a_bad_store_url_and_exits_1(tmp_path: Path, capsys):

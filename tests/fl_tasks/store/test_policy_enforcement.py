@@ -9,7 +9,8 @@ with the policy ``fl_tasks.policies`` generates for it (AWS format). Then:
   and HEAD;
 - a whole round (distribute, train, validate, aggregate, evaluate, register) commits with every
   step holding only its own identity's key, while a silo's attempt to overwrite another silo's
-  update is refused and leaves no trace in the round's result.
+  update is refused and leaves no trace in the round's result; a second round moves HEAD by a
+  conditional replace (If-Match), allowed to the server's key as plain ``s3:PutObject``.
 """
 
 from __future__ import annotations
@@ -177,3 +178,14 @@ def test_a_round_commits_with_every_step_on_its_own_key(job, enforcing_s3, ident
     stored = json.loads(ui.get_bytes(keys.manifest(1, "eu")))
     assert stored["silo"] == "eu" and stored["sha256"] == honest["eu"].sha256
     refused(lambda: ui.put_bytes(keys.head, b"{}"))
+
+    # round 2 moves HEAD by a conditional replace (If-Match): plain s3:PutObject for the server's key
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("distribute", job, "manual__enforced-2") == 0
+    for silo in SILOS:
+        with acting_as(monkeypatch, enforcing_s3.endpoint, as_silo(silo)):
+            assert step("train", job, "manual__enforced-2", 2, silo) == 0
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("aggregate", job, "manual__enforced-2", 2) == 0
+    head = ui.get_record(keys.head, Head)
+    assert head.round == 2 and head.dag_run_id == "manual__enforced-2"

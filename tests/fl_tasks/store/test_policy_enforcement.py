@@ -30,7 +30,7 @@ from s3_server import _CLEARED, EnforcingS3, enforcing_s3_server
 from fl_tasks.policies import JobPolicies, generate
 from fl_tasks.records import Head, Manifest, RegistrySummary, Result, Verdict
 from fl_tasks.store import JobKeys, ObjectMissing, StoreError
-from fl_tasks.store.s3 import S3Store
+from fl_tasks.store.s3 import MIB, S3Store
 
 BUCKET = "airfed-enforced"
 PREFIX = "fl"
@@ -111,6 +111,21 @@ def test_a_silo_key_writes_its_own_objects_only(enforcing_s3, identities, fmt):
             refused(lambda key=key: silo_a.put_bytes(key, b"{}"))
     with pytest.raises(ObjectMissing):
         silo_a.get_bytes(keys.manifest(99, "a"))
+
+
+def test_a_large_update_goes_up_in_parts_with_the_silo_key(enforcing_s3, identities, tmp_path):
+    """A multipart upload (create, parts, complete) of the silo's own update is allowed; one aimed
+    at another silo's key is refused before any part is sent."""
+    result, users = identities
+    keys = JobKeys("digits")
+    store = S3Store(BUCKET, PREFIX, endpoint=enforcing_s3.endpoint, region="us-east-1", retries=0, part_size=5 * MIB,
+                    credentials=StaticProvider(users[result.silo_names["us"]]["AWS_ACCESS_KEY_ID"],
+                                               users[result.silo_names["us"]]["AWS_SECRET_ACCESS_KEY"]))
+    big = tmp_path / "update.safetensors"
+    big.write_bytes(bytes(range(256)) * (11 * MIB // 256))  # 11 MiB: three parts of 5 MiB
+    sha = store.put_file(keys.update(7, "us"), big)
+    assert store.get_file(keys.update(7, "us"), tmp_path / "back", sha) == sha
+    refused(lambda: store.put_file(keys.update(7, "eu"), big))
 
 
 @contextmanager

@@ -4,9 +4,9 @@ Three kinds of identity touch a job's objects in the store (:class:`~fl_tasks.st
 
 - **a silo** (its train, validate and evaluate steps) reads the round's ``plan.json``, its
   ``global.safetensors``, ``result.json`` (evaluate learns the new global from it) and ``HEAD.json``
-  (which holds the result's sha256), and reads
-  and writes only its own objects: ``updates/<silo>.safetensors``, ``updates/<silo>.json``,
-  ``updates/<silo>.status.json``, ``validation/<silo>.json``, ``evaluation/<silo>.json``;
+  (which holds the result's sha256), and reads and writes only its own objects:
+  ``updates/<silo>.safetensors``, ``updates/<silo>.json``, ``updates/<silo>.status.json``,
+  ``validation/<silo>.json``, ``evaluation/<silo>.json``;
 - **the server** (distribute, aggregate, register) reads and writes everything of the job;
 - **the Airflow UI** reads everything of the job and writes nothing.
 
@@ -14,8 +14,8 @@ Round numbers are not known in advance, so keys are given as patterns with the r
 ``*``. In S3 policies ``*`` also matches ``/``, so a pattern pins everything around the round: the
 job's prefix before it and ``/updates/<silo>.<ext>`` after it. Silo names are DNS labels (no ``.``,
 ``/``, ``*`` or ``?``), so ``/updates/a.json`` can never end another silo's key (``/updates/ab.json``,
-``/updates/x-a.json``); :func:`check_isolation` proves it for every generated policy against every
-other identity's keys, using :func:`allows` (the S3 wildcard rule) instead of trusting the patterns.
+``/updates/x-a.json``); :func:`check_isolation` proves it for every silo's policy against every
+other silo's keys and the server's, using :func:`allows` (the S3 wildcard rule) instead of trusting the patterns.
 
 Formats differ in one place. AWS S3 answers a read of a missing key with 403 instead of 404
 unless the caller may ``s3:ListBucket`` the bucket, and the steps read keys that may not exist yet

@@ -132,17 +132,30 @@ def run(env: StepEnv) -> None:
 
 def _checked_update(env: StepEnv, plan: Plan, name: str, global_path: Path,
                     tmp: Path) -> tuple[Path, AcceptedUpdate] | str:
-    """The silo's update, verified and guarded (and clipped for server-side DP), or why it is rejected."""
+    """The silo's update, verified and guarded (and clipped for server-side DP), or why it is rejected.
+
+    Only the silo's own key is read (a manifest may not point at another silo's update), and the
+    sha256 of the bytes read must be the one this run's validate step accepted: an update replaced
+    after validation is rejected even when its manifest was rewritten to match."""
     manifest = current_manifest(env, plan, name)
     if manifest is None:
         return missing_update_reason(env, plan.round, name)
+    own_key = env.keys.update(plan.round, name)
+    if manifest.key != own_key:
+        return f"the manifest names {manifest.key} as the update, not the silo's own {own_key}"
     verdict = env.store.get_record_or_none(env.keys.verdict(plan.round, name), Verdict)
+    if verdict is not None and verdict.dag_run_id != plan.dag_run_id:
+        verdict = None  # an earlier run's attempt at the round: says nothing about this update
     if verdict is not None and verdict.update_sha256 == manifest.sha256 and not verdict.accepted:
         return f"rejected by the silo's validation: {verdict.reason}"
+    path = tmp / f"{name}.update.safetensors"
     try:
-        path = env.fetch(manifest.ref, tmp)
+        read_sha256 = env.store.get_file(own_key, path, manifest.sha256)
     except ChecksumMismatch as exc:
         return str(exc)
+    if verdict is not None and read_sha256 != verdict.update_sha256:
+        return (f"the update changed after validation: validate checked sha256 {verdict.update_sha256}, "
+                f"the stored update has {read_sha256}")
     guard = check_with_spec_guards(path, global_path, manifest.num_examples, plan.guards)
     if not guard.accepted or manifest.num_examples is None:
         return guard.reason

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fl_tasks.bridge import run_client_app
-from fl_tasks.records import Evaluation, Result
+from fl_tasks.records import Evaluation, Head, Result
 from fl_tasks.steps.common import StepEnv, log, scratch_dir, write_result
 from fl_tasks.weights import load_state_dict
 
@@ -12,7 +12,9 @@ def run(env: StepEnv) -> None:
     plan = env.plan()
     silo = env.silo_entry(plan)
     r, name = env.round, silo.name
-    result = env.store.get_record(env.keys.result(r), Result)
+    # the result's sha256 is recorded in HEAD while HEAD points at this round (the run's own evaluate)
+    head = env.store.get_record_or_none(env.keys.head, Head)
+    result = env.store.get_record(env.keys.result(r), Result, head.result_sha256 if head and head.round == r else None)
     if result.new_global is None:
         raise RuntimeError(f"round {r} was not committed: {result.reason}")
     new_global = result.new_global

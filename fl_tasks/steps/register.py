@@ -87,7 +87,9 @@ def run(env: StepEnv, late: bool = False) -> None:
         with lineage.reporting_failures(f"registering the committed rounds before round {r} that have no version"):
             registry_sync.backfill(env.store, env.keys, upto=r - 1, log=log)
     head = env.store.get_record_or_none(env.keys.head, Head)
-    result = env.store.get_record_or_none(env.keys.result(r), Result)
+    # HEAD records the sha256 of the round it points at: that round's result is checked against it
+    result = (env.store.get_record(env.keys.result(r), Result, head.result_sha256) if head and head.round == r
+              else env.store.get_record_or_none(env.keys.result(r), Result))
     if head is None or head.round < r or result is None or not result.committed or result.new_global is None:
         record_uncommitted(env, plan, result)
         return
@@ -145,8 +147,9 @@ def run(env: StepEnv, late: bool = False) -> None:
             "new_global_key": new_global.key,
             "new_global_sha256": new_global.sha256,
         }
-        tags = {f"update_sha256.{n}": m.sha256 for n, m in manifests.items()}
-        tags.update({f"update_key.{n}": m.key for n, m in manifests.items()})
+        # the checksums the aggregator verified (result.json), not what a silo's manifest says now
+        tags = {f"update_sha256.{n}": a.sha256 for n, a in result.accepted.items()}
+        tags.update({f"update_key.{n}": env.keys.update(r, n) for n in result.accepted})
         tags.update({f"rejected.{n}": reason[:4000] for n, reason in result.rejected.items()})
         tags.update({"plan_key": env.keys.plan(r), "result_key": env.keys.result(r)})
         lineage.log_round(c, run_id, metrics, params, tags, step=r)
@@ -168,7 +171,7 @@ def run(env: StepEnv, late: bool = False) -> None:
                         "global_sha256": new_global.sha256, "store_key": new_global.key,
                         "store_url": store_url, "promotion_metric": promotion.metric,
                         **({"promotion_value": repr(value)} if value is not None else {"evaluated": "false"}),
-                        **{f"update_sha256.{n}": m.sha256 for n, m in manifests.items()},
+                        **{f"update_sha256.{n}": a.sha256 for n, a in result.accepted.items()},
                     },
                     description=f"{job} round {r}: {plan.strategy.name} over {', '.join(manifests)}",
                 )

@@ -378,6 +378,50 @@ def test_example_job_spec_matches_what_the_chart_creates(multi_render, multi_val
         assert {s.name for s in spec.silos} == {s["name"] for s in multi_values["silos"]}
 
 
+def _chart_secret(values: dict, silo: dict | None) -> tuple[str, str]:
+    """(namespace, Secret name) the chart provides for a silo's store key (None: the server's)."""
+    if silo is None:
+        creds = values["jobNamespace"].get("storeCredentials", {})
+        return values["jobNamespace"]["name"], creds.get("existingSecret") or f"{RELEASE}-store"
+    creds = silo.get("storeCredentials", {})
+    return silo["namespace"], creds.get("existingSecret") or f"{RELEASE}-store-{silo['name']}"
+
+
+def test_each_store_secret_stays_with_its_own_identity(multi_render, multi_values, default_render):
+    """A silo's Secret is rendered only in that silo's namespace (labelled with it), the server's only
+    in the job namespace; NOTES point at `airfed policies` and warn where silos share a namespace."""
+    by_silo = {s["name"]: s for s in multi_values["silos"]}
+    for secret in multi_render.of("Secret"):
+        meta = secret["metadata"]
+        where = (meta["namespace"], meta["name"])
+        if meta["labels"]["app.kubernetes.io/component"] == "silo":
+            assert where == _chart_secret(multi_values, by_silo[meta["labels"]["airfed/silo"]])
+        elif meta["labels"]["app.kubernetes.io/component"] == "server":
+            assert where == _chart_secret(multi_values, None)
+    assert "airfed policies SPEC --format minio|aws --out policies/" in multi_render.notes
+    assert ("WARNING: silo(s) asia, jp share namespace fl-apac: a pod there can mount any of their Secrets"
+            in multi_render.notes)
+    assert multi_render.notes.count("WARNING:") == 1 and "WARNING:" not in default_render.notes
+
+
+def test_each_pod_of_the_example_job_gets_only_its_own_store_secret(multi_values):
+    """The CI job's pods as the kubernetes runner renders them: a silo's pods reference exactly the
+    Secret the chart made for that silo, the server steps' pods exactly the server's."""
+    from airfed.runners.pod_manifests import render_round
+    from airfed.spec import parse_spec_text
+
+    ((file, text),) = multi_values["jobs"].items()
+    pods = render_round(parse_spec_text(text, file), round_number=1, run_id="manual__helm")
+    by_silo = {s["name"]: s for s in multi_values["silos"]}
+    assert {p.silo for p in pods} == {None, *by_silo}
+    for pod in pods:
+        (c,) = [c for c in pod.manifest["spec"]["containers"] if c["name"] == "base"]
+        refs = {e["secretRef"]["name"] for e in c.get("envFrom") or []}
+        refs |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env") or [] if "valueFrom" in e}
+        namespace, secret = _chart_secret(multi_values, by_silo[pod.silo] if pod.silo else None)
+        assert (pod.manifest["metadata"]["namespace"], refs) == (namespace, {secret}), pod.task_id
+
+
 # -- MLflow -----------------------------------------------------------------------------------------
 def _mlflow_container(rendered: Rendered) -> dict:
     (deployment,) = rendered.of("Deployment")

@@ -1,0 +1,299 @@
+"""Least-privilege S3 access policies of a job, generated from its spec (``airfed policies``).
+
+Three kinds of identity touch a job's objects in the store (:class:`~fl_tasks.store.JobKeys`):
+
+- **a silo** (its train, validate and evaluate steps) reads the round's ``plan.json``, its
+  ``global.safetensors``, ``result.json`` (evaluate learns the new global from it) and ``HEAD.json``
+  (which holds the result's sha256), and reads and writes only its own objects:
+  ``updates/<silo>.safetensors``, ``updates/<silo>.json``, ``updates/<silo>.status.json``,
+  ``validation/<silo>.json``, ``evaluation/<silo>.json``;
+- **the server** (distribute, aggregate, register) reads and writes everything of the job;
+- **the Airflow UI** reads everything of the job and writes nothing.
+
+Round numbers are not known in advance, so keys are given as patterns with the round replaced by
+``*``. In S3 policies ``*`` also matches ``/``, so a pattern pins everything around the round: the
+job's prefix before it and ``/updates/<silo>.<ext>`` after it. Silo names are DNS labels (no ``.``,
+``/``, ``*`` or ``?``), so ``/updates/a.json`` can never end another silo's key (``/updates/ab.json``,
+``/updates/x-a.json``); :func:`check_isolation` proves it for every silo's policy against every
+other silo's keys and the server's, using :func:`allows` (the S3 wildcard rule) instead of trusting the patterns.
+
+Formats differ in one place. AWS S3 answers a read of a missing key with 403 instead of 404
+unless the caller may ``s3:ListBucket`` the bucket, and the steps read keys that may not exist yet
+(a silo's own manifest before it trains): the ``aws`` format therefore grants silos and the UI
+``s3:ListBucket`` limited by an ``s3:prefix`` condition to the job. MinIO answers 404 to an
+authenticated caller that may read the key, so the ``minio`` format leaves listing out. The server
+lists the bucket without a condition in both (``HeadBucket`` before the first round is authorised
+as ``s3:ListBucket``). Conditional writes (``If-None-Match`` / ``If-Match``, :mod:`fl_tasks.commit`)
+need no more than ``s3:PutObject``.
+
+Which store a silo's or the server's steps use comes from one function, :func:`store_url`, so
+that a job whose silos write to different stores gets policies naming each one's own store.
+Pure (stdlib and the spec model): the Airflow side imports it for the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from fl_tasks.spec import JobSpec
+from fl_tasks.store.base import JobKeys
+
+Format = Literal["aws", "minio"]
+FORMATS: tuple[Format, ...] = ("aws", "minio")
+POLICY_VERSION = "2012-10-17"
+STORE_URL_ENV = "AIRFED_STORE_URL"
+#: The store policies name when neither the spec nor the caller gives an ``s3://`` one (the Helm
+#: chart's default ``store.url``).
+DEFAULT_STORE_URL = "s3://airfed/fl"
+
+READ = ["s3:GetObject"]
+#: Writes of an object the identity owns: multipart uploads (large updates) are ``s3:PutObject``
+#: plus their abort; ``s3:DeleteObject`` lets ``put_file`` remove an upload whose file changed
+#: while it streamed.
+WRITE = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:DeleteObject"]
+LIST = ["s3:ListBucket"]
+#: A round number stands for any round in a key pattern.
+ANY_ROUND = "*"
+_SAMPLE_ROUND = 424242  # substituted by ANY_ROUND: a number no real key of a test holds
+_UNSAFE = re.compile(r"[*?$\s]")
+
+
+class PolicyError(ValueError):
+    """The spec or store URL cannot be turned into a policy (names the value)."""
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """An ``s3://bucket/prefix`` store: where a job's keys live and their ARNs."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str, where: str) -> StoreLocation:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise PolicyError(
+                f"{where}: {STORE_URL_ENV}={url!r} is not an s3://bucket/prefix store; access policies "
+                "exist only for S3/MinIO (a file:// store is guarded by the file system)"
+            )
+        prefix = parsed.path.strip("/")
+        if _UNSAFE.search(parsed.netloc + prefix) or "@" in parsed.netloc:
+            raise PolicyError(f"{where}: store URL {url!r} holds characters that S3 policies read as "
+                              "wildcards or variables ('*', '?', '$') or whitespace or credentials")
+        return cls(parsed.netloc, prefix)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def bucket_arn(self) -> str:
+        return f"arn:aws:s3:::{self.bucket}"
+
+    def name(self, key: str) -> str:
+        """The object name of a store key (the key under the store's prefix)."""
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def arn(self, key: str) -> str:
+        return f"{self.bucket_arn}/{self.name(key)}"
+
+
+def store_url(spec: JobSpec, silo: str | None, default: str) -> str:
+    """The store URL the steps of ``silo`` (None: the server steps) use: the silo's ``env``, else
+    the job's ``env``, else ``default``. The one place policies learn where each identity writes."""
+    env = dict(spec.env)
+    if silo is not None:
+        env.update(next(s.env for s in spec.silos if s.name == silo))
+    return env.get(STORE_URL_ENV) or default
+
+
+def any_round(keys: JobKeys, key_of: Callable[[int], str]) -> str:
+    """The key ``key_of(round)`` names, for any round (the round replaced by ``*``)."""
+    sample, round_dir = key_of(_SAMPLE_ROUND), keys.round_dir(_SAMPLE_ROUND)
+    if not sample.startswith(round_dir + "/"):
+        raise AssertionError(f"{sample} is not under {round_dir}")
+    return round_dir.rsplit("/", 1)[0] + "/" + ANY_ROUND + sample[len(round_dir):]
+
+
+def round_reads(keys: JobKeys) -> list[str]:
+    """What every silo reads: a round's plan, the global it trains from, the committed result
+    (evaluate finds the new global there), and HEAD (which records the result's sha256)."""
+    return [any_round(keys, keys.plan), any_round(keys, keys.global_model), any_round(keys, keys.result), keys.head]
+
+
+def per_silo_keys(keys: JobKeys) -> tuple[Callable[[int, str], str], ...]:
+    """The key names of a silo's own objects (round, silo) -> key: update, manifest, train status,
+    verdict, evaluation."""
+    return keys.update, keys.manifest, keys.status, keys.verdict, keys.evaluation
+
+
+def silo_objects(keys: JobKeys, silo: str) -> list[str]:
+    """The keys a silo's steps write (and read back), in any round."""
+    def of(key_of: Callable[[int, str], str]) -> str:
+        return any_round(keys, lambda r: key_of(r, silo))
+
+    return [of(key_of) for key_of in per_silo_keys(keys)]
+
+
+def job_objects(keys: JobKeys) -> str:
+    """Every key of the job."""
+    return f"{keys.job}/*"
+
+
+def _statement(sid: str, actions: list[str], resources: list[str],
+               condition: dict[str, Any] | None = None) -> dict[str, Any]:
+    statement: dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": actions, "Resource": resources}
+    if condition:
+        statement["Condition"] = condition
+    return statement
+
+
+def _listing(store: StoreLocation, keys: JobKeys) -> dict[str, Any]:
+    """``s3:ListBucket`` limited to the job's keys: on AWS, what makes a missing key read as missing."""
+    return _statement("ListJobKeysSoMissingKeysReadAs404", LIST, [store.bucket_arn],
+                      {"StringLike": {"s3:prefix": [store.name(job_objects(keys))]}})
+
+
+def _document(statements: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"Version": POLICY_VERSION, "Statement": statements}
+
+
+def silo_policy(store: StoreLocation, keys: JobKeys, silo: str, fmt: Format) -> dict[str, Any]:
+    statements = [
+        _statement("ReadTheRound", READ, [store.arn(k) for k in round_reads(keys)]),
+        _statement("ReadWriteOwnObjects", READ + WRITE, [store.arn(k) for k in silo_objects(keys, silo)]),
+    ]
+    if fmt == "aws":
+        statements.append(_listing(store, keys))
+    return _document(statements)
+
+
+def server_policy(stores: list[StoreLocation], keys: JobKeys) -> dict[str, Any]:
+    return _document([
+        _statement("ReadWriteTheJob", READ + WRITE, [s.arn(job_objects(keys)) for s in stores]),
+        _statement("FindTheBucketAndList", LIST, sorted({s.bucket_arn for s in stores})),
+    ])
+
+
+def ui_policy(stores: list[StoreLocation], keys: JobKeys, fmt: Format) -> dict[str, Any]:
+    statements = [_statement("ReadTheJob", READ, [s.arn(job_objects(keys)) for s in stores])]
+    if fmt == "aws":
+        statements += [_listing(s, keys) for s in stores]
+    return _document(statements)
+
+
+@dataclass(frozen=True)
+class JobPolicies:
+    """The policies of one job, by name: ``<job>-silo-<silo>``, ``<job>-server``, ``<job>-ui``."""
+
+    job: str
+    fmt: Format
+    policies: dict[str, dict[str, Any]]
+    silo_names: dict[str, str]  # silo -> its policy's name
+    stores: dict[str, str]  # policy name -> store URL(s) it covers
+
+    @property
+    def server(self) -> str:
+        return f"{self.job}-server"
+
+    @property
+    def ui(self) -> str:
+        return f"{self.job}-ui"
+
+
+def generate(spec: JobSpec, fmt: Format = "aws", default_store: str = DEFAULT_STORE_URL) -> JobPolicies:
+    """Every policy of ``spec``'s job, checked with :func:`check_isolation` before it is returned."""
+    if fmt not in FORMATS:
+        raise PolicyError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    keys = JobKeys(spec.job)
+    silo_stores = {
+        s.name: StoreLocation.parse(store_url(spec, s.name, default_store), f"silo {s.name}") for s in spec.silos
+    }
+    server_store = StoreLocation.parse(store_url(spec, None, default_store), f"job {spec.job}")
+    every_store = list(dict.fromkeys([server_store, *silo_stores.values()]))
+    policies: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}
+    stores: dict[str, str] = {}
+    for silo, store in silo_stores.items():
+        names[silo] = f"{spec.job}-silo-{silo}"
+        policies[names[silo]] = silo_policy(store, keys, silo, fmt)
+        stores[names[silo]] = store.url
+    result = JobPolicies(spec.job, fmt, policies, names, stores)
+    policies[result.server] = server_policy(every_store, keys)
+    policies[result.ui] = ui_policy(every_store, keys, fmt)
+    stores[result.server] = stores[result.ui] = ", ".join(s.url for s in every_store)
+    check_isolation(result, silo_stores)
+    return result
+
+
+# -- evaluation: the S3 wildcard rule, used to prove the policies instead of trusting them -----------
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """An S3 policy pattern as a regex: ``*`` any run of characters (``/`` included), ``?`` one."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z",
+                      re.DOTALL)
+
+
+def allows(policy: dict[str, Any], action: str, resource: str) -> bool:
+    """Whether ``policy`` allows ``action`` on ``resource`` (Allow statements, conditions ignored:
+    the strictest reading for a write, which no statement with a condition grants here)."""
+    for statement in policy["Statement"]:
+        if statement["Effect"] != "Allow":
+            continue
+        if any(_wildcard(a).match(action) for a in statement["Action"]) and any(
+            _wildcard(r).match(resource) for r in statement["Resource"]
+        ):
+            return True
+    return False
+
+
+def check_isolation(result: JobPolicies, silo_stores: dict[str, StoreLocation]) -> None:
+    """Raise :class:`PolicyError` if a silo's policy lets it write anything but its own keys or
+    read another silo's, or the UI's lets it write: checked on sample keys of two rounds."""
+    keys = JobKeys(result.job)
+    for silo, name in result.silo_names.items():
+        policy = result.policies[name]
+        for other, store in silo_stores.items():
+            for r in (1, 12):
+                for key in (key_of(r, other) for key_of in per_silo_keys(keys)):
+                    own = other == silo
+                    for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject"):
+                        if allows(policy, action, store.arn(key)) != (own and store == silo_stores[silo]):
+                            raise PolicyError(f"policy {name}: {action} on {store.arn(key)} would be "
+                                              f"{'refused' if own else 'allowed'}; the generator is wrong")
+                for key in (keys.head, keys.plan(r), keys.global_model(r), keys.result(r), keys.registry(r)):
+                    if allows(policy, "s3:PutObject", store.arn(key)):
+                        raise PolicyError(f"policy {name}: a silo may write the server's {store.arn(key)}")
+        for store in silo_stores.values():
+            if allows(result.policies[result.ui], "s3:PutObject", store.arn(keys.head)):
+                raise PolicyError(f"policy {result.ui} may write {store.arn(keys.head)}")
+
+
+# -- the other half: each identity's key must reach only that identity's pods -----------------------
+def credential_sharing(spec: JobSpec) -> list[str]:
+    """Where the spec's placements let one identity's pods hold another's store key, whatever the
+    policies say: a Secret named by several placements in one namespace, and namespaces several
+    identities share (a pod may mount any Secret of its namespace). Meant as warnings: a Secret
+    shared on purpose (e.g. an image registry's) is not a store key. Only the kubernetes runner
+    keeps identities apart: the local one runs every step with the worker's environment."""
+    if spec.runner != "kubernetes":
+        return []
+    secrets: dict[tuple[str | None, str | None, str], list[str]] = {}
+    namespaces: dict[tuple[str | None, str | None], list[str]] = {}
+    placements = [("the server steps", spec.placement)] + [(f"silo {s.name}", s.placement) for s in spec.silos]
+    for who, placement in placements:
+        where = (placement.kubernetes_conn_id, placement.namespace)
+        namespaces.setdefault(where, []).append(who)
+        for ref in placement.secrets:
+            secrets.setdefault((*where, ref.secret), []).append(who)
+    problems = [f"Secret {secret!r} (namespace {ns or 'default'}) is given to {' and '.join(who)}: if it holds "
+                "store credentials, each needs a key (and Secret) of its own"
+                for (_, ns, secret), who in secrets.items() if len(who) > 1]
+    problems += [f"{' and '.join(who)} run in one namespace ({ns or 'default'}): their pods could mount each "
+                 "other's Secrets; give each silo a namespace of its own"
+                 for (_, ns), who in namespaces.items() if len(who) > 1]
+    return problems

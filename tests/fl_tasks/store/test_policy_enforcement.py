@@ -1,0 +1,206 @@
+"""The generated policies (``airfed policies``) on an S3 server that enforces them.
+
+moto's server checks every S3 request against the IAM policies of the requesting key
+(:class:`s3_server.EnforcingS3`): each silo, the server and the UI get an IAM user of their own
+with the policy ``fl_tasks.policies`` generates for it (AWS format). Then:
+
+- a silo's key writes its own objects and gets 403 AccessDenied for another silo's update and
+  manifest (names sharing a prefix or suffix included), another job's keys, the global, the plan
+  and HEAD;
+- a whole round (distribute, train, validate, aggregate, evaluate, register) commits with every
+  step holding only its own identity's key, while a silo's attempt to overwrite another silo's
+  update is refused and leaves no trace in the round's result; a second round moves HEAD by a
+  conditional replace (If-Match), allowed to the server's key as plain ``s3:PutObject``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from airfed.spec import load_spec
+from helpers import EXAMPLE_SPEC
+from minio.credentials import StaticProvider
+from minio.error import S3Error
+from round_steps import SILOS, step
+from s3_server import _CLEARED, EnforcingS3, enforcing_s3_server
+
+from fl_tasks.policies import JobPolicies, generate
+from fl_tasks.records import Head, Manifest, RegistrySummary, Result, Verdict
+from fl_tasks.store import JobKeys, ObjectMissing, StoreError
+from fl_tasks.store.s3 import MIB, S3Store
+
+BUCKET = "airfed-enforced"
+PREFIX = "fl"
+#: moto authorises HeadBucket (the server's ``Store.prepare()``) as ``s3:HeadBucket``; AWS and MinIO
+#: authorise it as ``s3:ListBucket``, which the generated server policy grants. This statement
+#: gives moto's name for the same check and nothing else.
+MOTO_HEAD_BUCKET = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["s3:HeadBucket"], "Resource": [f"arn:aws:s3:::{BUCKET}"]}]}
+
+
+def store_as(s3: EnforcingS3, creds: dict[str, str]) -> S3Store:
+    return S3Store(BUCKET, PREFIX, endpoint=s3.endpoint, region="us-east-1", retries=0,
+                   credentials=StaticProvider(creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"]))
+
+
+def refused(action) -> S3Error:
+    """Run ``action``; it must fail with the server's 403 AccessDenied (returned for inspection)."""
+    with pytest.raises(StoreError, match="AccessDenied") as info:
+        action()
+    cause = info.value.__cause__
+    assert isinstance(cause, S3Error) and cause.code == "AccessDenied" and cause.response.status == 403, cause
+    return cause
+
+
+@pytest.fixture(scope="module")
+def enforcing_s3() -> Iterator[EnforcingS3]:
+    with enforcing_s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def identities(enforcing_s3: EnforcingS3) -> tuple[JobPolicies, dict[str, dict[str, str]]]:
+    """The digits job's policies, and an IAM user (its key as env vars) per policy."""
+    enforcing_s3.create_bucket(BUCKET)
+    result = generate(load_spec(EXAMPLE_SPEC), "aws", f"s3://{BUCKET}/{PREFIX}")
+    users = {}
+    for name, policy in result.policies.items():
+        extra = [MOTO_HEAD_BUCKET] if name == result.server else []
+        users[name] = enforcing_s3.create_user(name, policy, *extra)
+    return result, users
+
+
+def test_the_server_enforces_policies_at_all(enforcing_s3, identities):
+    """The premise: an unknown key is refused, and a known key is held to its policy."""
+    result, users = identities
+    with pytest.raises(StoreError, match="InvalidAccessKeyId"):
+        store_as(enforcing_s3, {"AWS_ACCESS_KEY_ID": "AKIANOTAUSER", "AWS_SECRET_ACCESS_KEY": "x"}).put_bytes(
+            "digits/HEAD.json", b"{}")
+    ui = store_as(enforcing_s3, users[result.ui])
+    refused(lambda: ui.put_bytes("digits/HEAD.json", b"{}"))
+    with pytest.raises(ObjectMissing):  # may read: a missing key reads as missing, not as forbidden
+        ui.get_bytes("digits/HEAD.json")
+
+
+@pytest.mark.parametrize("fmt", ["aws", "minio"])
+def test_a_silo_key_writes_its_own_objects_only(enforcing_s3, identities, fmt):
+    """Silo ``a`` beside ``ab`` and ``x-a``, job ``digits`` beside ``digits-x``: S3's ``*`` crosses
+    ``/``, the generated patterns still pin the silo and the job. (The minio format, which grants no
+    listing, is held to the same rules here; moto, like MinIO, answers 404 for a missing key the
+    caller may read.)"""
+    spec = load_spec(EXAMPLE_SPEC)
+    spec = spec.model_copy(update={"silos": [spec.silos[0].model_copy(update={"name": n}) for n in ("a", "ab", "x-a")]})
+    policies = generate(spec, fmt, f"s3://{BUCKET}/{PREFIX}")
+    user = enforcing_s3.create_user(f"wildcard-silo-a-{fmt}", policies.policies["digits-silo-a"])
+    silo_a = store_as(enforcing_s3, user)
+    keys, other_job = JobKeys("digits"), JobKeys("digits-x")
+    for r in (1, 31):
+        for key in (keys.update(r, "a"), keys.manifest(r, "a"), keys.status(r, "a"), keys.verdict(r, "a"),
+                    keys.evaluation(r, "a")):
+            silo_a.put_bytes(key, b"{}")
+            assert silo_a.get_bytes(key) == b"{}"
+        for silo in ("ab", "x-a"):
+            for key in (keys.update(r, silo), keys.manifest(r, silo), keys.verdict(r, silo)):
+                refused(lambda key=key: silo_a.put_bytes(key, b"{}"))
+        for key in (other_job.update(r, "a"), other_job.manifest(r, "a")):
+            refused(lambda key=key: silo_a.put_bytes(key, b"{}"))
+        for key in (keys.head, keys.plan(r), keys.global_model(r), keys.result(r)):
+            refused(lambda key=key: silo_a.put_bytes(key, b"{}"))
+    with pytest.raises(ObjectMissing):
+        silo_a.get_bytes(keys.manifest(99, "a"))
+
+
+def test_a_large_update_goes_up_in_parts_with_the_silo_key(enforcing_s3, identities, tmp_path):
+    """A multipart upload (create, parts, complete) of the silo's own update is allowed; one aimed
+    at another silo's key is refused before any part is sent."""
+    result, users = identities
+    keys = JobKeys("digits")
+    store = S3Store(BUCKET, PREFIX, endpoint=enforcing_s3.endpoint, region="us-east-1", retries=0, part_size=5 * MIB,
+                    credentials=StaticProvider(users[result.silo_names["us"]]["AWS_ACCESS_KEY_ID"],
+                                               users[result.silo_names["us"]]["AWS_SECRET_ACCESS_KEY"]))
+    big = tmp_path / "update.safetensors"
+    big.write_bytes(bytes(range(256)) * (11 * MIB // 256))  # 11 MiB: three parts of 5 MiB
+    sha = store.put_file(keys.update(7, "us"), big)
+    assert store.get_file(keys.update(7, "us"), tmp_path / "back", sha) == sha
+    refused(lambda: store.put_file(keys.update(7, "eu"), big))
+
+
+@contextmanager
+def acting_as(monkeypatch: pytest.MonkeyPatch, endpoint: str, creds: dict[str, str]) -> Iterator[None]:
+    """The env a step's pod would get: the store and this identity's key, nothing else."""
+    with monkeypatch.context() as env:
+        for name in _CLEARED:
+            env.delenv(name, raising=False)
+        env.setenv("AIRFED_STORE_URL", f"s3://{BUCKET}/{PREFIX}")
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AIRFED_S3_RETRIES", "0")
+        for name, value in creds.items():
+            env.setenv(name, value)
+        yield
+
+
+def test_a_round_commits_with_every_step_on_its_own_key(job, enforcing_s3, identities, monkeypatch):
+    """Every step of a round as ``python -m fl_tasks`` runs it in a pod, each with its own key; a
+    silo's overwrite of another silo's update is refused and the result holds the honest update."""
+    result, users = identities
+    keys, run = JobKeys(job), "manual__enforced"
+    as_server = users[result.server]
+
+    def as_silo(silo: str) -> dict[str, str]:
+        return users[result.silo_names[silo]]
+
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("distribute", job, run) == 0
+    for silo in SILOS:
+        with acting_as(monkeypatch, enforcing_s3.endpoint, as_silo(silo)):
+            assert step("train", job, run, 1, silo) == 0
+    honest = {s: store_as(enforcing_s3, as_server).get_record(keys.manifest(1, s), Manifest) for s in SILOS}
+
+    # silo asia tries to replace eu's update (and the manifest that vouches for it) and the server's objects
+    attacker = store_as(enforcing_s3, as_silo("asia"))
+    forged = attacker.get_bytes(keys.update(1, "asia"))  # its own update, readable: a valid safetensors file
+    refused(lambda: attacker.put_bytes(keys.update(1, "eu"), forged))
+    refused(lambda: attacker.put_record(keys.manifest(1, "eu"), honest["asia"].model_copy(update={"silo": "eu"})))
+    refused(lambda: attacker.get_bytes(keys.update(1, "eu")))
+    for key in (keys.global_model(2), keys.plan(1), keys.head, keys.result(1)):
+        refused(lambda key=key: attacker.put_bytes(key, b"{}"))
+
+    for silo in SILOS:
+        with acting_as(monkeypatch, enforcing_s3.endpoint, as_silo(silo)):
+            assert step("validate", job, run, 1, silo) == 0
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("aggregate", job, run, 1) == 0
+    for silo in SILOS:
+        with acting_as(monkeypatch, enforcing_s3.endpoint, as_silo(silo)):
+            assert step("evaluate", job, run, 1, silo) == 0
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("register", job, run, 1) == 0
+
+    ui = store_as(enforcing_s3, users[result.ui])
+    head = ui.get_record(keys.head, Head)
+    committed = ui.get_record(keys.result(1), Result, head.result_sha256)
+    assert head.round == 1 and committed.committed and committed.rejected == {}
+    assert {s: a.sha256 for s, a in committed.accepted.items()} == {s: m.sha256 for s, m in honest.items()}
+    assert committed.accepted["eu"].sha256 != honest["asia"].sha256
+    for silo in SILOS:
+        verdict = ui.get_record(keys.verdict(1, silo), Verdict)
+        assert verdict.accepted and verdict.update_sha256 == honest[silo].sha256
+    assert ui.get_record(keys.registry(1), RegistrySummary).registry_version == 1
+    stored = json.loads(ui.get_bytes(keys.manifest(1, "eu")))
+    assert stored["silo"] == "eu" and stored["sha256"] == honest["eu"].sha256
+    refused(lambda: ui.put_bytes(keys.head, b"{}"))
+
+    # round 2 moves HEAD by a conditional replace (If-Match): plain s3:PutObject for the server's key
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("distribute", job, "manual__enforced-2") == 0
+    for silo in SILOS:
+        with acting_as(monkeypatch, enforcing_s3.endpoint, as_silo(silo)):
+            assert step("train", job, "manual__enforced-2", 2, silo) == 0
+    with acting_as(monkeypatch, enforcing_s3.endpoint, as_server):
+        assert step("aggregate", job, "manual__enforced-2", 2) == 0
+    head = ui.get_record(keys.head, Head)
+    assert head.round == 2 and head.dag_run_id == "manual__enforced-2"

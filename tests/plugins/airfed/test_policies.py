@@ -1,0 +1,208 @@
+"""``airfed policies``: what each generated policy allows, read with the S3 wildcard rule.
+
+The policies are evaluated here with :func:`fl_tasks.policies.allows` (``*`` matches across ``/``,
+as in S3) on the keys the steps really use (:class:`fl_tasks.store.JobKeys`); the same policies
+are enforced by a real S3 server in tests/fl_tasks/store/test_policy_enforcement.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from airfed.cli import main as airfed
+from airfed.spec import load_spec
+from helpers import EXAMPLE_SPEC
+
+from fl_tasks.policies import (
+    JobPolicies,
+    PolicyError,
+    StoreLocation,
+    allows,
+    check_isolation,
+    generate,
+)
+from fl_tasks.spec import JobSpec
+from fl_tasks.store import JobKeys
+
+WRITES = ("s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+
+
+@pytest.fixture(scope="module")
+def digits() -> JobSpec:
+    return load_spec(EXAMPLE_SPEC)
+
+
+def with_silos(spec: JobSpec, names: list[str], **silo_env: dict[str, str]) -> JobSpec:
+    template = spec.silos[0]
+    silos = [template.model_copy(update={"name": n, "env": silo_env.get(n.replace("-", "_"), {})}) for n in names]
+    return spec.model_copy(update={"silos": silos})
+
+
+def own_and_others(keys: JobKeys, silo: str, r: int) -> list[str]:
+    return [keys.update(r, silo), keys.manifest(r, silo), keys.status(r, silo), keys.verdict(r, silo),
+            keys.evaluation(r, silo)]
+
+
+def test_digits_has_one_policy_per_silo_plus_server_and_ui(digits):
+    result = generate(digits)
+    assert list(result.policies) == ["digits-silo-us", "digits-silo-eu", "digits-silo-asia", "digits-server",
+                                     "digits-ui"]
+    for silo, name in result.silo_names.items():
+        written = [r for st in result.policies[name]["Statement"] if set(WRITES) & set(st["Action"])
+                   for r in st["Resource"]]
+        assert written, name
+        for resource in written:
+            assert resource.startswith("arn:aws:s3:::airfed/fl/digits/rounds/*/"), resource
+            assert resource.rsplit("/", 1)[1].split(".")[0] == silo, resource
+            assert resource.rsplit("/", 2)[1] in ("updates", "validation", "evaluation"), resource
+
+
+@pytest.mark.parametrize("fmt", ["aws", "minio"])
+def test_a_silo_writes_its_own_keys_and_nothing_else(digits, fmt):
+    """Silo ``a`` against silo ``ab`` and ``x-a`` (names that share a prefix or suffix) and another
+    job whose name extends this one's: ``*`` crosses ``/`` but the pinned parts around it do not."""
+    spec = with_silos(digits, ["a", "ab", "x-a"])
+    result = generate(spec, fmt)
+    store = StoreLocation("airfed", "fl")
+    keys, other_job = JobKeys("digits"), JobKeys("digits-x")
+    policy = result.policies["digits-silo-a"]
+    for r in (1, 7, 123):
+        for key in own_and_others(keys, "a", r):
+            for action in ("s3:GetObject", *WRITES):
+                assert allows(policy, action, store.arn(key)), (action, key)
+        for key in own_and_others(keys, "ab", r) + own_and_others(keys, "x-a", r) + own_and_others(other_job, "a", r):
+            for action in ("s3:GetObject", *WRITES):
+                assert not allows(policy, action, store.arn(key)), (action, key)
+        for key in (keys.plan(r), keys.global_model(r), keys.result(r), keys.head):
+            assert allows(policy, "s3:GetObject", store.arn(key))
+            assert not any(allows(policy, a, store.arn(key)) for a in WRITES), key
+        for key in (keys.registry(r), keys.server_state(r), keys.lost("run"), keys.convergence_plot):
+            assert not any(allows(policy, a, store.arn(key)) for a in ("s3:GetObject", *WRITES)), key
+        assert not allows(policy, "s3:GetObject", StoreLocation("other-bucket", "fl").arn(keys.plan(r)))
+
+
+def test_server_writes_the_whole_job_and_the_ui_reads_it(digits):
+    result = generate(digits)
+    store, keys = StoreLocation("airfed", "fl"), JobKeys("digits")
+    server, ui = result.policies["digits-server"], result.policies["digits-ui"]
+    for key in (keys.head, keys.plan(3), keys.global_model(4), keys.result(3), keys.update(3, "eu"),
+                keys.verdict(3, "us"), keys.lost("manual__1"), keys.convergence_plot):
+        assert allows(server, "s3:PutObject", store.arn(key)) and allows(server, "s3:GetObject", store.arn(key))
+        assert allows(ui, "s3:GetObject", store.arn(key))
+        assert not any(allows(ui, a, store.arn(key)) for a in WRITES), key
+    assert allows(server, "s3:ListBucket", store.bucket_arn)
+    assert not allows(server, "s3:PutObject", store.arn("digits2/HEAD.json"))
+    assert not allows(server, "s3:CreateBucket", store.bucket_arn)
+    assert not allows(server, "s3:DeleteBucket", store.bucket_arn)
+
+
+def test_listing_is_aws_only_and_limited_to_the_job_for_silos_and_ui(digits):
+    def listing(result: JobPolicies, name: str) -> list[dict]:
+        return [st for st in result.policies[name]["Statement"] if "s3:ListBucket" in st["Action"]]
+
+    aws, minio = generate(digits, "aws"), generate(digits, "minio")
+    for name in ("digits-silo-us", "digits-ui"):
+        assert listing(minio, name) == []
+        (statement,) = listing(aws, name)
+        assert statement["Condition"] == {"StringLike": {"s3:prefix": ["fl/digits/*"]}}
+    for result in (aws, minio):  # the server finds the bucket (HeadBucket is authorised as ListBucket)
+        (statement,) = listing(result, "digits-server")
+        assert "Condition" not in statement and statement["Resource"] == ["arn:aws:s3:::airfed"]
+
+
+def test_each_silo_is_bound_to_its_own_store_and_the_server_covers_all(digits):
+    spec = digits.model_copy(update={"env": {"AIRFED_STORE_URL": "s3://central/fed/"}})
+    spec = with_silos(spec, ["us", "eu"], eu={"AIRFED_STORE_URL": "s3://eu-bucket"})
+    result = generate(spec)
+    keys = JobKeys("digits")
+    central, eu = StoreLocation("central", "fed"), StoreLocation("eu-bucket", "")
+    assert allows(result.policies["digits-silo-eu"], "s3:PutObject", eu.arn(keys.update(2, "eu")))
+    assert not allows(result.policies["digits-silo-eu"], "s3:PutObject", central.arn(keys.update(2, "eu")))
+    assert allows(result.policies["digits-silo-us"], "s3:PutObject", central.arn(keys.update(2, "us")))
+    assert not allows(result.policies["digits-silo-us"], "s3:GetObject", eu.arn(keys.plan(2)))
+    for store in (central, eu):
+        assert allows(result.policies["digits-server"], "s3:PutObject", store.arn(keys.head))
+        assert allows(result.policies["digits-ui"], "s3:GetObject", store.arn(keys.head))
+    assert result.stores["digits-silo-eu"] == "s3://eu-bucket"
+    assert result.stores["digits-server"] == "s3://central/fed, s3://eu-bucket"
+
+
+def test_the_isolation_check_catches_a_policy_too_wide(digits):
+    """The check is what stands between a generator bug and a deployed policy: widen one pattern."""
+    result = generate(with_silos(digits, ["a", "ab"]))
+    policy = result.policies["digits-silo-a"]
+    policy["Statement"][1]["Resource"][0] = policy["Statement"][1]["Resource"][0].replace("/a.safetensors", "/a*")
+    with pytest.raises(PolicyError, match=r"digits-silo-a: s3:PutObject on .*updates/ab\.safetensors would be allowed"):
+        check_isolation(result, {"a": StoreLocation("airfed", "fl"), "ab": StoreLocation("airfed", "fl")})
+
+
+@pytest.mark.parametrize("url, message", [
+    ("file:///var/airfed/store", "is not an s3://bucket/prefix store"),
+    ("s3://bucket/pre*fix", "wildcards"),
+])
+def test_a_store_url_a_policy_cannot_name_is_an_error_naming_it(digits, url, message):
+    spec = with_silos(digits, ["us", "eu"], eu={"AIRFED_STORE_URL": url})
+    with pytest.raises(PolicyError, match=rf"silo eu: .*{message}"):
+        generate(spec)
+
+
+def test_cli_prints_every_policy_and_writes_files(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.delenv("AIRFED_STORE_URL", raising=False)
+    assert airfed(["policies", str(EXAMPLE_SPEC), "--format", "minio", "--store-url", "s3://weights/team",
+                   "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    assert sorted(printed) == ["digits-server", "digits-silo-asia", "digits-silo-eu", "digits-silo-us", "digits-ui"]
+    for name, document in printed.items():
+        assert json.loads((tmp_path / f"{name}.json").read_text()) == document
+    assert "arn:aws:s3:::weights/team/digits/rounds/*/updates/us.safetensors" in json.dumps(printed["digits-silo-us"])
+    assert f"{tmp_path / 'digits-silo-us.json'}: s3://weights/team" in out.err
+
+
+def test_cli_without_a_store_says_which_it_assumed(capsys, monkeypatch):
+    monkeypatch.delenv("AIRFED_STORE_URL", raising=False)
+    assert airfed(["policies", str(EXAMPLE_SPEC)]) == 0
+    out = capsys.readouterr()
+    assert "names no s3:// store" in out.err and "s3://airfed/fl" in out.err
+    printed = json.loads(out.out)
+    assert printed["digits-server"]["Statement"][0]["Resource"] == ["arn:aws:s3:::airfed/fl/digits/*"]
+    assert "arn:aws:s3:::airfed/fl/digits/HEAD.json" in printed["digits-silo-us"]["Statement"][0]["Resource"]
+
+
+def test_cli_reports_a_bad_store_url_and_exits_1(tmp_path: Path, capsys):
+    text = EXAMPLE_SPEC.read_text().replace("silos:\n", "env:\n  AIRFED_STORE_URL: /srv/store\nsilos:\n", 1)
+    spec = tmp_path / "digits.yaml"
+    spec.write_text(text)
+    assert airfed(["policies", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}: silo us: AIRFED_STORE_URL='/srv/store' is not an s3://bucket/prefix store" in err
+
+
+def test_placements_that_would_share_a_key_are_named(tmp_path: Path, capsys):
+    """The chart's CI job: asia and jp share a namespace. Then a silo given the server's Secret."""
+    from helpers import REPO
+
+    from fl_tasks.policies import credential_sharing
+
+    values = yaml.safe_load((REPO / "helm/airfed/ci/multi-silo-values.yaml").read_text())
+    (text,) = values["jobs"].values()
+    spec = tmp_path / "federated-digits.yaml"
+    spec.write_text(text)
+    assert airfed(["policies", str(spec)]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"airfed policies: warning: {spec}: silo asia and silo jp run in one namespace (fl-apac): their pods "
+        "could mount each other's Secrets; give each silo a namespace of its own"]
+
+    loaded = load_spec(spec)
+    us = loaded.silos[0]
+    server_ns = us.placement.model_copy(update={"namespace": "fl-server", "secrets": loaded.placement.secrets})
+    shared = loaded.model_copy(update={"silos": [us.model_copy(update={"placement": server_ns})]})
+    assert credential_sharing(shared) == [
+        "Secret 'fl-server-store' (namespace fl-server) is given to the server steps and silo us: if it holds "
+        "store credentials, each needs a key (and Secret) of its own",
+        "the server steps and silo us run in one namespace (fl-server): their pods could mount each other's "
+        "Secrets; give each silo a namespace of its own"]
+    assert credential_sharing(load_spec(EXAMPLE_SPEC)) == []  # the local runner: nothing to keep apart

@@ -21,7 +21,7 @@ from airflow.sdk import DAG, Asset, Param, chain
 
 from airfed.dag.next_round import NextRoundOperator
 from airfed.dag.step_calls import RoundRefs, round_calls
-from fl_tasks.contract import ROUND_STEPS, SILO_STEPS
+from fl_tasks.contract import REGION_STEPS, REGIONAL_ROUND_STEPS, ROUND_STEPS, SILO_STEPS
 from fl_tasks.spec import JobSpec
 
 START_DATE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -31,15 +31,20 @@ TIMEOUT_GRACE_SECONDS = 60
 #: Steps that run whatever the state of their upstream tasks: validate records "no update" for a
 #: silo whose training failed, aggregate applies the quorum to whatever updates exist, register
 #: records the round once aggregate committed it even if a silo's evaluation failed.
-ALL_DONE_STEPS = ("validate", "aggregate", "register")
+ALL_DONE_STEPS = ("validate", "aggregate", "register", "aggregate_region", "collect_region")
 NEXT_ROUND_TASK_ID = "next_round"
 
 
 def task_id(step: str) -> str:
     """The task id of a round step (its name: one DAG run is one round)."""
-    if step not in ROUND_STEPS:
-        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS)}")
+    if step not in ROUND_STEPS + REGION_STEPS:
+        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS + REGION_STEPS)}")
     return step
+
+
+def round_steps(spec: JobSpec) -> tuple[str, ...]:
+    """The steps of one round of ``spec`` in order: with the regional tier when the job has regions."""
+    return REGIONAL_ROUND_STEPS if spec.regions else ROUND_STEPS
 
 
 #: What the StepCalls of a DAG hold: Jinja that Airflow resolves per run. The round number is the
@@ -129,6 +134,6 @@ def build_dag(spec: JobSpec, spec_path: str | Path) -> DAG:
         params=dag_params(spec),
         default_args={"owner": "airfed"},
     ) as dag:
-        steps = [make_task(step, calls[step], task_options(spec, step)) for step in ROUND_STEPS]
+        steps = [make_task(step, calls[step], task_options(spec, step)) for step in round_steps(spec)]
         chain(*steps, NextRoundOperator(task_id=NEXT_ROUND_TASK_ID, trigger_dag_id=spec.job))
     return dag

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fl_tasks.contract import REGION_STEPS, SILO_STEPS
 from fl_tasks.paths import expand_path
-from fl_tasks.spec import JobSpec, Region, SecretRef, Silo
+from fl_tasks.spec import AcrossRegions, JobSpec, Region, SecretRef, Silo
 
 #: Env var of the store a step reads and writes (the job's store unless the step runs in a region).
 STORE_URL_ENV = "AIRFED_STORE_URL"
@@ -80,3 +80,18 @@ def store_secrets(spec: JobSpec, *, silo: str | None = None, region: str | None 
     """The region's store credentials a silo's (or the region's own) pods receive: only their region's."""
     home = region_of(spec, silo) if silo is not None else (region_named(spec, region) if region else None)
     return list(home.store_secrets) if home else []
+
+
+def plan_fields(spec: JobSpec) -> dict[str, object]:
+    """What plan.json records of the regional tier (nothing for a flat job: its plan is as before)."""
+    if not spec.regions:
+        return {}
+    from fl_tasks.records import PlanRegion  # records import the spec; keep this module's imports light
+
+    return {
+        "regions": [
+            PlanRegion(name=r.name, silos=[s.name for s in silos_of(spec, r.name)], quorum=r.quorum)
+            for r in spec.regions
+        ],
+        "across_regions": spec.across_regions or AcrossRegions(),
+    }

@@ -8,10 +8,14 @@ answer, :func:`step_stores`, so the fact "which store does this step touch" live
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fl_tasks.contract import REGION_STEPS, SILO_STEPS
 from fl_tasks.paths import expand_path
 from fl_tasks.spec import AcrossRegions, JobSpec, Region, SecretRef, Silo
+
+if TYPE_CHECKING:
+    from fl_tasks.store import Store
 
 #: Env var of the store a step reads and writes (the job's store unless the step runs in a region).
 STORE_URL_ENV = "AIRFED_STORE_URL"
@@ -95,3 +99,15 @@ def plan_fields(spec: JobSpec) -> dict[str, object]:
         ],
         "across_regions": spec.across_regions or AcrossRegions(),
     }
+
+
+def region_stores(spec: JobSpec, job_store: Store) -> dict[str, Store]:
+    """Each region's store, opened (a region without its own store keeps its objects in ``job_store``):
+    what ``airfed verify`` recomputes the regional level from."""
+    from fl_tasks.store import open_store
+
+    stores: dict[str, Store] = {}
+    for region in spec.regions:
+        url = store_env(spec, "aggregate_region", region=region.name).get(REGION_STORE_URL_ENV)
+        stores[region.name] = open_store(url) if url else job_store
+    return stores

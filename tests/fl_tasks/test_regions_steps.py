@@ -12,12 +12,12 @@ from mlflow import MlflowClient
 from round_steps import REPO
 from safetensors.numpy import load_file
 
-from fl_tasks import commit, prepare_data
+from fl_tasks import audit, commit, prepare_data
 from fl_tasks.__main__ import main as step_main
 from fl_tasks.aggregation import aggregate_files
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.records import Head, Manifest, RegionPartial, Result
-from fl_tasks.regions import REGION_STORE_URL_ENV, silos_of
+from fl_tasks.regions import REGION_STORE_URL_ENV, region_stores, silos_of
 from fl_tasks.spec import AcrossRegions, JobSpec
 from fl_tasks.steps.aggregate_regions import RegionQuorumNotMet
 from fl_tasks.steps.register import RoundNotCommitted
@@ -154,3 +154,22 @@ def test_regional_rounds_keep_updates_home_and_equal_flat_fedavg(regional, airfe
     assert not uncommitted.committed and "asia" in uncommitted.reason
     with pytest.raises(RoundNotCommitted):
         step_main(["register", "--job", spec.job, "--round", str(r), "--run-id", "run-3"])
+
+    # airfed verify recomputes both levels; a mismatch names the region and the key
+    stores = region_stores(spec, job_store)
+    lines: list[str] = []
+    report = audit.Report(lines.append)
+    assert audit.verify_job(job_store, spec.job, report, all_rounds=True, region_stores=stores) == [1, 2]
+    assert report.failures == 0, "\n".join(lines)
+    assert any("region eu: partial over eu-berlin, eu-paris: reproduces the forwarded partial" in ln for ln in lines)
+    exact = "FedAvg over the partials of asia, eu, us: reproduces the committed global (sha256 equal)"
+    assert any(exact in ln for ln in lines)
+    assert any("region asia: contributed nothing: region asia below its quorum" in ln for ln in lines)
+    update_key = keys.update(1, "eu-paris")
+    stores["eu"].put_bytes(update_key, stores["eu"].get_bytes(update_key)[:-4] + b"\0\0\0\0")
+    lines.clear()
+    report = audit.Report(lines.append)
+    audit.verify_job(job_store, spec.job, report, round_number=1, region_stores=stores)
+    assert report.failures == 1
+    assert any(ln.startswith(f"FAIL  {update_key}: region eu: update of eu-paris: stored object has sha256")
+               for ln in lines), lines

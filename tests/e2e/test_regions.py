@@ -7,6 +7,7 @@ learns as the flat job does."""
 from __future__ import annotations
 
 import json
+
 import pytest
 from helpers import REPO, airfed_cli, json_summary
 

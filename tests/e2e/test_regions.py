@@ -32,8 +32,9 @@ def test_three_regional_rounds_commit_with_per_region_counts(run):
     assert summary["region_stores"] == {n: f"file://{home}/regions/{n}" for n in REGIONS}
     assert "regions asia 2/2, eu 2/2, us 2/2" in out
     accuracies = [r["metrics"]["accuracy"] for r in summary["rounds"]]
-    # the flat job (dags/digits.yaml, 3 silos) reaches ~0.8 after three rounds on the same recipe
-    assert accuracies[-1] >= 0.7 and accuracies[-1] > accuracies[0], accuracies
+    # measured: 0.69, 0.77, 0.91, bit-identical globals to the same six silos run flat; dags/digits.yaml
+    # (three larger silos) reaches 0.92 after three rounds
+    assert accuracies[-1] >= 0.85 and accuracies[-1] > accuracies[0], accuracies
 
 
 def test_no_update_object_leaves_its_region(run):

@@ -25,11 +25,12 @@ REGION_STORE_URL_ENV = "AIRFED_REGION_STORE_URL"
 
 @dataclass(frozen=True)
 class StepStores:
-    """The stores one step touches. ``region``: the region's store URL (None: the job's store, or a
-    step outside any region); ``job``: whether the step also reads or writes the job's store."""
+    """The stores one step reads or writes. ``region_store``: the URL of its region's own store when
+    the step touches it (None: it touches no region store, or its region has none and keeps its
+    objects in the job's store); ``job_store``: whether the step touches the job's store."""
 
-    region: str | None
-    job: bool
+    region_store: str | None
+    job_store: bool
 
 
 def region_named(spec: JobSpec, name: str) -> Region:
@@ -60,12 +61,13 @@ def step_stores(spec: JobSpec, step: str, *, silo: str | None = None, region: st
         if silo is None:
             raise ValueError(f"step {step} is per silo: name the silo")
         home = region_of(spec, silo)
-        return StepStores(region=home.store if home else None, job=home is None)
+        own = home.store if home else None
+        return StepStores(region_store=own, job_store=own is None)
     if step in REGION_STEPS:
         if region is None:
             raise ValueError(f"step {step} is per region: name the region")
-        return StepStores(region=region_named(spec, region).store, job=True)
-    return StepStores(region=None, job=True)
+        return StepStores(region_store=region_named(spec, region).store, job_store=True)
+    return StepStores(region_store=None, job_store=True)
 
 
 def store_env(spec: JobSpec, step: str, *, silo: str | None = None, region: str | None = None) -> dict[str, str]:
@@ -73,11 +75,12 @@ def store_env(spec: JobSpec, step: str, *, silo: str | None = None, region: str 
 
     ``${AIRFED_HOME}`` and ``~`` in a region's ``file://`` URL are expanded here (the local runner's
     worker is the machine that runs the step)."""
-    stores = step_stores(spec, step, silo=silo, region=region)
-    if stores.region is None:
+    url = step_stores(spec, step, silo=silo, region=region).region_store
+    if url is None:
         return {}
-    url = expand_path(stores.region) if stores.region.startswith("file://") else stores.region
-    return {REGION_STORE_URL_ENV if stores.job else STORE_URL_ENV: url}
+    if url.startswith("file://"):
+        url = expand_path(url)
+    return {REGION_STORE_URL_ENV if step in REGION_STEPS else STORE_URL_ENV: url}
 
 
 def store_secrets(spec: JobSpec, *, silo: str | None = None, region: str | None = None) -> list[SecretRef]:

@@ -29,7 +29,10 @@ def regional(airfed_home: Path, monkeypatch: pytest.MonkeyPatch) -> JobSpec:
     from airfed.spec import load_spec
 
     spec = load_spec(REPO / "dags" / "digits_regions.yaml")
-    spec = spec.model_copy(update={"training": {**spec.training, "local-epochs": 1}})
+    # us keeps its objects in the job's store (no `store:`); eu and asia have their own directories
+    us = spec.regions[0].model_copy(update={"store": None})
+    spec = spec.model_copy(update={"training": {**spec.training, "local-epochs": 1},
+                                   "regions": [us, *spec.regions[1:]]})
     payload = spec.step_payload()
     assert prepare_data.main([payload]) == 0
     monkeypatch.setenv(SPEC_ENV, payload)
@@ -38,8 +41,9 @@ def regional(airfed_home: Path, monkeypatch: pytest.MonkeyPatch) -> JobSpec:
     return spec
 
 
-def region_url(home: Path, region: str) -> str:
-    return f"file://{home / 'regions' / region}"
+def region_url(home: Path, region: str) -> str | None:
+    """The region's own store (None: us, which shares the job's store)."""
+    return None if region == "us" else f"file://{home / 'regions' / region}"
 
 
 def run_step(monkeypatch, step: str, job: str, run_id: str, r: int | str, *, silo: str | None = None,
@@ -96,12 +100,12 @@ def test_regional_rounds_keep_updates_home_and_equal_flat_fedavg(regional, airfe
     assert result.committed and result.schema_version == 3 and set(result.regions or {}) == {"us", "eu", "asia"}
     assert sorted(result.accepted) == sorted(s.name for s in spec.silos)
 
-    # no update object outside its region's store; the job's store holds only the partials
+    # no update object outside its region's store; of eu's and asia's, the job's store holds only partials
     for region in spec.regions:
-        region_store = open_store(region_url(home, region.name))
+        region_store = open_store(region_url(home, region.name))  # us: the job's store
         for silo in spec.silos:
             assert region_store.exists(keys.update(r, silo.name)) == (silo.region == region.name)
-            assert not job_store.exists(keys.update(r, silo.name))
+            assert job_store.exists(keys.update(r, silo.name)) == (silo.region == "us")
         outcome = result.regions[region.name]
         record = job_store.get_record(outcome.record.key, RegionPartial, sha256=outcome.record.sha256)
         assert record.partial == outcome.partial and record.total_weight == outcome.total_weight

@@ -117,7 +117,7 @@ def test_flat_job_is_unchanged_by_the_regional_fields():
     dag = build_dag(spec, REPO / "dags" / "digits.yaml")
     assert [t.task_id for t in dag.tasks] == [*ROUND_STEPS, "next_round"]
     assert "region" not in spec.canonical_json()
-    assert all(step_stores(spec, "train", silo=s.name).region is None for s in spec.silos)
+    assert all(step_stores(spec, "train", silo=s.name).region_store is None for s in spec.silos)
 
 
 def test_regional_dag_maps_the_tier_over_regions_and_points_each_step_at_its_store(airfed_home):
@@ -146,6 +146,28 @@ def test_regional_dag_maps_the_tier_over_regions_and_points_each_step_at_its_sto
             assert call.argv[-2:] == ["--region", call.region]
     for step in ("distribute", "aggregate", "register"):
         assert STORE_URL_ENV not in calls[step].env and REGION_STORE_URL_ENV not in calls[step].env
+
+
+def test_step_stores_answers_which_store_each_step_uses(tmp_path):
+    """The one answer the DAG builder and least-privilege policies take: a region without its own
+    store keeps its objects in the job's store."""
+    spec = load(tmp_path, """\
+        regions: [{name: eu, store: "s3://fl-eu/airfed"}, {name: us}]
+        silos: [{name: a, region: eu, data: x}, {name: b, region: us, data: x}]
+        """)
+    table = {
+        ("train", "a", None): ("s3://fl-eu/airfed", False),
+        ("evaluate", "a", None): ("s3://fl-eu/airfed", False),
+        ("train", "b", None): (None, True),
+        ("aggregate_region", None, "eu"): ("s3://fl-eu/airfed", True),
+        ("distribute_region", None, "us"): (None, True),
+        ("aggregate", None, None): (None, True),
+    }
+    for (step, silo, region), (url, job) in table.items():
+        stores = step_stores(spec, step, silo=silo, region=region)
+        assert (stores.region_store, stores.job_store) == (url, job), (step, silo, region)
+    with pytest.raises(ValueError, match="per region"):
+        step_stores(spec, "aggregate_region")
 
 
 REGIONAL_K8S = """\

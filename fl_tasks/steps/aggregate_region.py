@@ -83,12 +83,12 @@ def _copy_silo_records(region: RegionEnv, r: int, silos: list[str]) -> None:
 
 
 def record_failure(env: StepEnv, exc: BaseException) -> None:
-    """The region failed as a whole: say why in the job's store, where the global aggregator looks."""
-    region = RegionEnv(env)
-    plan = region.plan()
-    entry = region.entry(plan)
-    reason = f"region {entry.name}: aggregate_region failed: {type(exc).__name__}: {exc}"
-    env.store.put_record(partial_key(env, plan.round, entry.name, "json"), RegionPartial(
-        job=plan.job, round=plan.round, region=entry.name, dag_run_id=plan.dag_run_id, contributed=False,
+    """The region failed as a whole (its store unreachable, say): say why in the job's store, where the
+    global aggregator looks. Touches only the job's store."""
+    plan = env.plan()
+    name = env.args.region or ""
+    reason = f"region {name}: aggregate_region failed: {type(exc).__name__}: {exc}"
+    env.store.put_record(partial_key(env, plan.round, name, "json"), RegionPartial(
+        job=plan.job, round=plan.round, region=name, dag_run_id=plan.dag_run_id, contributed=False,
         reason=reason, input_global_sha256=plan.input_global.sha256, strategy=plan.strategy.name,
     ))

@@ -21,6 +21,7 @@ from fl_tasks.records import (
     RegistryNames,
     Result,
 )
+from fl_tasks.regions import REGION_STORE_URL_ENV
 from fl_tasks.spec import AcrossRegions, DifferentialPrivacy, Strategy
 from fl_tasks.steps.aggregate_regions import RegionQuorumNotMet
 from fl_tasks.store import JobKeys, open_store
@@ -113,3 +114,18 @@ def test_a_partial_of_another_run_does_not_count(airfed_home, tmp_path):
     assert not result.committed and "belongs to run other-run" in result.regions["us"].reason
     assert result.rejected["d"] == result.regions["us"].reason
     assert not store.exists(KEYS.head)
+
+
+def test_a_region_that_is_down_is_recorded_and_the_others_commit(airfed_home, tmp_path, monkeypatch):
+    """us's store is unreachable: its aggregator fails, says why in the job's store, and the round
+    commits from eu and asia (min_regions 1) naming us as missing."""
+    store, _updates = setup_round(tmp_path, Strategy())
+    with monkeypatch.context() as m:
+        m.setenv(REGION_STORE_URL_ENV, "ftp://us.example/airfed")
+        with pytest.raises(ValueError, match="unsupported scheme"):
+            step_main(["aggregate_region", "--job", JOB, "--round", "1", "--run-id", "run", "--region", "us"])
+    assert aggregate() == 0
+    result = store.get_record(KEYS.result(1), Result)
+    us = result.regions["us"]
+    assert result.committed and not us.contributed and "us: aggregate_region failed: ValueError" in us.reason
+    assert sorted(result.accepted) == ["a", "b", "c", "e", "f", "g"] and result.rejected == {"d": us.reason}

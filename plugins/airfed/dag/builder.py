@@ -32,6 +32,10 @@ TIMEOUT_GRACE_SECONDS = 60
 #: silo whose training failed, aggregate applies the quorum to whatever updates exist, register
 #: records the round once aggregate committed it even if a silo's evaluation failed.
 ALL_DONE_STEPS = ("validate", "aggregate", "register", "aggregate_region", "collect_region")
+#: In a job with regions, also the silo steps that follow a regional-tier step: a region that is down
+#: (its distribute_region or publish_region failed) must not stop the other regions' silos, which a
+#: mapped upstream with one failed instance would; the down region's silos fail on their own.
+REGIONAL_ALL_DONE_STEPS = ("train", "evaluate")
 NEXT_ROUND_TASK_ID = "next_round"
 
 
@@ -81,7 +85,7 @@ def task_options(spec: JobSpec, step: str) -> dict[str, Any]:
         "retry_exponential_backoff": ex.retry_exponential_backoff,
         "max_retry_delay": timedelta(seconds=ex.max_retry_delay_seconds),
     }
-    if step in ALL_DONE_STEPS:
+    if step in ALL_DONE_STEPS or (spec.regions and step in REGIONAL_ALL_DONE_STEPS):
         options["trigger_rule"] = "all_done"
     if step == "register":  # succeeds only for a committed round: one Asset event per new global
         options["outlets"] = [model_asset(spec)]

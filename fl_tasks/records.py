@@ -45,7 +45,7 @@ from pydantic import (
 from fl_tasks.spec import AcrossRegions, ConfigScalar, DifferentialPrivacy, Guards, Promotion, Quorum, Strategy
 from fl_tasks.strategies import V1_DEFAULTS
 
-#: The schema version this code writes.
+#: The newest schema version this code writes (and reads).
 #: 1: the records as first written (no ``schema_version`` key); strategy parameters as the spec gave
 #:    them, defaults implied by the code of the time.
 #: 2: strategy parameters by Flower's current names, every one spelled out (plan.json, result.json).

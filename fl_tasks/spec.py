@@ -107,13 +107,11 @@ class Silo(Strict):
     )
     placement: Placement = Field(default_factory=Placement)
     env: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars for this silo's steps.")
-
-    _env = field_validator("env")(_check_env)
-
-
     region: str | None = Field(
         None, description="The region whose aggregator and store this silo uses (required when `regions` is given)."
     )
+
+    _env = field_validator("env")(_check_env)
 
 
 class ModelInit(Strict):
@@ -226,7 +224,7 @@ class Region(Strict):
         description="Credentials of the region's store: given to this region's silo and regional pods only.",
     )
     placement: Placement = Field(default_factory=Placement, description="Where the regional aggregator runs.")
-    quorum: Quorum = Field(default_factory=lambda: Quorum(), description="Fewest accepted updates of the region.")
+    quorum: Quorum = Field(default_factory=Quorum, description="Fewest accepted updates of the region.")
 
     @field_validator("store")
     @classmethod

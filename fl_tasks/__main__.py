@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from fl_tasks.contract import ROUND_STEPS, SKIP_EXIT_CODE, TIMEOUT_ENV
+from fl_tasks.contract import REGION_STEPS, ROUND_STEPS, SKIP_EXIT_CODE, TIMEOUT_ENV
 from fl_tasks.steps.common import NotSampled, StepArgs, StepEnv, log
 
 
@@ -37,11 +37,12 @@ def _arm_timeout() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fl_tasks", description=__doc__)
-    parser.add_argument("step", choices=ROUND_STEPS)
+    parser.add_argument("step", choices=ROUND_STEPS + REGION_STEPS)
     parser.add_argument("--job", required=True)
     parser.add_argument("--round", default=None, help="round number ('next' for distribute)")
     parser.add_argument("--run-id", default="manual", help="the Airflow DAG run id")
     parser.add_argument("--silo", default=None)
+    parser.add_argument("--region", default=None, help="the region (regional-tier steps)")
     parser.add_argument("--chain-id", default=None,
                         help="the first DAG run of this chain of rounds (distribute; default: --run-id)")
     parser.add_argument("--training", default=None, help="JSON object overriding the training config")
@@ -55,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if training is not None and not isinstance(training, dict):
         raise SystemExit(f"--training must be a JSON object, got {ns.training!r}")
     args = StepArgs(ns.step, ns.job, round_number, ns.run_id, ns.silo, chain_id=ns.chain_id, training=training)
+    args.region = ns.region
     if ns.step in ("train", "validate", "evaluate") and not ns.silo:
         raise SystemExit(f"step {ns.step} needs --silo")
+    if ns.step in REGION_STEPS and not ns.region:
+        raise SystemExit(f"step {ns.step} needs --region")
     module = importlib.import_module(f"fl_tasks.steps.{ns.step}")
     env = StepEnv(args)
     _arm_timeout()

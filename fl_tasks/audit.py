@@ -14,7 +14,7 @@ this module lazily and says so when it is missing.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ class Report:
 
 
 def verify_job(store: Store, job: str, report: Report, *, round_number: int | None = None, all_rounds: bool = False,
-               tolerance: float = 0.0) -> list[int] | None:
+               tolerance: float = 0.0, region_stores: Mapping[str, Store] | None = None) -> list[int] | None:
     """Verify HEAD's round (or ``round_number``, or every committed round); None if nothing is committed."""
     keys = JobKeys(job)
     head = _get(store, keys.head, Head, report)
@@ -107,7 +107,7 @@ def verify_job(store: Store, job: str, report: Report, *, round_number: int | No
             return rounds
     for r in rounds:
         report.emit(f"== {job} round {r}")
-        verify_round(store, keys, head, r, tolerance, report)
+        verify_round(store, keys, head, r, tolerance, report, region_stores)
     return rounds
 
 
@@ -161,7 +161,8 @@ def _fetch(store: Store, ref: ObjectRef | None, dest: Path, report: Report, what
     return dest
 
 
-def verify_round(store: Store, keys: JobKeys, head: Head, r: int, tolerance: float, report: Report) -> None:
+def verify_round(store: Store, keys: JobKeys, head: Head, r: int, tolerance: float, report: Report,
+                 region_stores: Mapping[str, Store] | None = None) -> None:
     """Every check of one committed round (see the module docstring)."""
     result_key = keys.result(r)
     try:
@@ -207,6 +208,11 @@ def verify_round(store: Store, keys: JobKeys, head: Head, r: int, tolerance: flo
                      f"input global is round {plan.previous_head.round}'s committed global",
                      "input global is not the global HEAD pointed at when the round started")
     with tempfile.TemporaryDirectory(prefix="airfed-verify-") as tmp_name:
+        if result.regions is not None:  # both levels: each region's partial, then the global
+            from fl_tasks.audit_regions import recompute_regions
+
+            recompute_regions(store, region_stores or {}, keys, plan, result, r, Path(tmp_name), tolerance, report)
+            return
         _recompute(store, keys, plan, result, r, Path(tmp_name), tolerance, report)
 
 

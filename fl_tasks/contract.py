@@ -17,6 +17,14 @@ if TYPE_CHECKING:  # the spec's pydantic model; this module stays stdlib-only at
 SERVER_STEPS = ("distribute", "aggregate", "register")
 SILO_STEPS = ("train", "validate", "evaluate")
 ROUND_STEPS = ("distribute", "train", "validate", "aggregate", "evaluate", "register")
+#: Steps of the regional tier (jobs with ``regions``), each mapped over the regions and run in the
+#: region's placement: they alone move objects between a region's store and the job's store.
+REGION_STEPS = ("distribute_region", "aggregate_region", "publish_region", "collect_region")
+#: Steps of one round of a job with regions, in order.
+REGIONAL_ROUND_STEPS = (
+    "distribute", "distribute_region", "train", "validate", "aggregate_region", "aggregate", "publish_region",
+    "evaluate", "collect_region", "register",
+)
 
 #: Exit code of a step that has nothing to do (a silo not sampled this round): both runners mark
 #: the task skipped (``skip_on_exit_code`` on Kubernetes) instead of failed.
@@ -44,10 +52,14 @@ class StepCall:
     env: dict[str, str]
     silo: str | None = None
     placement: Placement | None = None
+    region: str | None = None
 
     def as_kwargs(self) -> dict:
-        """JSON-friendly form, used as the mapped kwargs of a per-silo task."""
-        return {"argv": list(self.argv), "env": dict(self.env), "silo": self.silo}
+        """JSON-friendly form, used as the mapped kwargs of a per-silo (or per-region) task."""
+        kwargs = {"argv": list(self.argv), "env": dict(self.env), "silo": self.silo}
+        if self.region is not None:
+            kwargs["region"] = self.region
+        return kwargs
 
 
 def step_argv(
@@ -57,11 +69,14 @@ def step_argv(
     round_ref: str,
     run_id: str,
     silo: str | None = None,
+    region: str | None = None,
 ) -> list[str]:
     """The argv of a step. ``round_ref`` and ``run_id`` may be Jinja templates Airflow resolves at run time."""
-    if step not in ROUND_STEPS:
-        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS)}")
+    if step not in ROUND_STEPS + REGION_STEPS:
+        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS + REGION_STEPS)}")
     argv = ["python", "-m", "fl_tasks", step, "--job", job, "--round", round_ref, "--run-id", run_id]
     if silo is not None:
         argv += ["--silo", silo]
+    if region is not None:
+        argv += ["--region", region]
     return argv

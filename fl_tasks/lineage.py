@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
@@ -29,6 +30,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from fl_tasks.paths import airfed_home, redact_uri
+
+if TYPE_CHECKING:
+    from fl_tasks.records import RegionOutcome
 
 TAG_JOB = "airfed.job"
 TAG_DAG_RUN = "airfed.dag_run_id"
@@ -193,3 +197,23 @@ def is_better(value: float, than: float | None, direction: str) -> bool:
     if than is None or math.isnan(than):
         return True
     return value > than if direction == "maximize" else value < than
+
+
+def region_lineage(regions: Mapping[str, RegionOutcome] | None) -> tuple[dict[str, float], dict[str, str]]:
+    """Metrics and tags of a round's regions (``Result.regions``): per region its partial's key and
+    sha256, accepted silos and total weight, or that it was missing and why. Empty for a flat job."""
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    for name, outcome in (regions or {}).items():
+        metrics[f"region.{name}.accepted"] = len(outcome.accepted)
+        metrics[f"region.{name}.total_weight"] = outcome.total_weight
+        metrics[f"region.{name}.contributed"] = 1 if outcome.contributed else 0
+        tags[f"region.{name}.accepted_silos"] = ",".join(outcome.accepted)
+        if outcome.partial is not None:
+            tags[f"region.{name}.partial_key"] = outcome.partial.key
+            tags[f"region.{name}.partial_sha256"] = outcome.partial.sha256
+        if not outcome.contributed:
+            tags[f"region.{name}.missing"] = outcome.reason[:4000]
+    if regions:
+        tags["regions.missing"] = ",".join(n for n, o in regions.items() if not o.contributed) or "none"
+    return metrics, tags

@@ -11,6 +11,10 @@ One model per record of the store layout (:mod:`fl_tasks.store.base`)::
     rounds/<r>/evaluation/<silo>.json      Evaluation  (evaluate)
     rounds/<r>/registry.json         RegistrySummary (register)
     lost/<dag_run_id>.json           LostRound       (distribute/aggregate of a run that lost a round)
+    rounds/<r>/regions/<region>.json RegionPartial   (aggregate_region, jobs with regions)
+
+Jobs with regions add ``regions``/``across_regions`` to Plan and ``regions`` to Result (schema
+version 3); a flat job's records are written without those keys, byte for byte as before.
 
 Field names are the JSON keys the store has always held, so a store written before these models
 still reads. Each record carries ``schema_version``; a record without one was written before it
@@ -28,22 +32,28 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictBool,
     StrictFloat,
     StrictInt,
     ValidationError,
     ValidationInfo,
+    model_serializer,
     model_validator,
 )
 
-from fl_tasks.spec import ConfigScalar, DifferentialPrivacy, Guards, Promotion, Quorum, Strategy
+from fl_tasks.spec import AcrossRegions, ConfigScalar, DifferentialPrivacy, Guards, Promotion, Quorum, Strategy
 from fl_tasks.strategies import V1_DEFAULTS
 
-#: The schema version this code writes.
+#: The newest schema version this code writes (and reads).
 #: 1: the records as first written (no ``schema_version`` key); strategy parameters as the spec gave
 #:    them, defaults implied by the code of the time.
 #: 2: strategy parameters by Flower's current names, every one spelled out (plan.json, result.json).
-SCHEMA_VERSION = 2
+#: 3: the regional tier: RegionPartial records, ``regions`` in plan.json and result.json. Only
+#:    records that carry regional fields are written as version 3; flat jobs still write version 2.
+SCHEMA_VERSION = 3
+#: The version of records without regional fields (unchanged for flat jobs).
+FLAT_SCHEMA_VERSION = 2
 #: Validation context of records read from the store (a missing ``schema_version`` means 1).
 STORED = {"stored": True}
 
@@ -62,7 +72,7 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = Field(SCHEMA_VERSION, ge=1)
+    schema_version: int = Field(FLAT_SCHEMA_VERSION, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -125,6 +135,36 @@ class PlanSilo(BaseModel):
     node_config: dict[str, ConfigScalar] = Field(default_factory=dict)
 
 
+class PlanRegion(BaseModel):
+    """A region as a round sees it: its silos and its quorum."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    silos: list[str]
+    quorum: Quorum = Field(default_factory=Quorum)
+
+
+REGIONAL_PLAN_KEYS = ("regions", "across_regions")
+REGIONAL_RESULT_KEYS = ("regions",)
+
+
+def _regional_version(record: Record, regional: object) -> Record:
+    """A new record with regional fields is schema version 3 (an older reader refuses it by name)."""
+    if regional is not None and "schema_version" not in record.model_fields_set:
+        record.schema_version = SCHEMA_VERSION
+    return record
+
+
+def _without_absent(record: BaseModel, handler: SerializerFunctionWrapHandler, keys: tuple[str, ...]) -> Any:
+    """The record's JSON without regional keys that are unset: a flat job's records stay as before."""
+    data = handler(record)
+    for key in keys:
+        if data.get(key) is None:
+            data.pop(key, None)
+    return data
+
+
 class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -164,8 +204,24 @@ class Plan(Record):
     sampling: Sampling | None = None
     input_global: ObjectRef
     previous_head: Head | None = None
+    regions: list[PlanRegion] | None = Field(None, description="The regional tier (absent: a flat job).")
+    across_regions: AcrossRegions | None = None
 
     _v1 = model_validator(mode="before")(_v1_strategy)
+    _regional = model_validator(mode="after")(lambda self: _regional_version(self, self.regions))
+    _flat = model_serializer(mode="wrap")(lambda self, handler: _without_absent(self, handler, REGIONAL_PLAN_KEYS))
+
+    def region_of(self, silo: str) -> PlanRegion | None:
+        for region in self.regions or []:
+            if silo in region.silos:
+                return region
+        return None
+
+    def region(self, name: str) -> PlanRegion:
+        for region in self.regions or []:
+            if region.name == name:
+                return region
+        raise ValueError(f"region {name!r} is not part of round {self.round} of job {self.job}")
 
     @property
     def sampled_silos(self) -> list[str]:
@@ -247,6 +303,43 @@ class AcceptedUpdate(BaseModel):
     update_norm: float | None = None
 
 
+class RegionOutcome(BaseModel):
+    """What one region contributed to a round (result.json, MLflow): its partial or why it has none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contributed: bool
+    reason: str = ""
+    partial: ObjectRef | None = None
+    record: ObjectRef | None = Field(None, description="rounds/<r>/regions/<region>.json and its sha256.")
+    accepted: list[str] = Field(default_factory=list)
+    rejected: dict[str, str] = Field(default_factory=dict)
+    total_weight: float = 0.0
+
+
+class RegionPartial(Record):
+    """``rounds/<r>/regions/<region>.json``: a region's partial aggregate, written by aggregate_region to
+    the job's store (the only object of the region that crosses). ``kind``: ``sum`` (FedAvg family:
+    per tensor the float64 sum of num_examples × update, exact) or ``model`` (robust strategies: the
+    region's robust aggregate, weighted across regions by ``total_weight`` or combined by median)."""
+
+    job: str
+    round: int
+    region: str
+    dag_run_id: str
+    contributed: bool
+    reason: str = ""
+    kind: Literal["sum", "model"] | None = None
+    partial: ObjectRef | None = None
+    total_weight: float = 0.0
+    accepted: dict[str, AcceptedUpdate] = Field(default_factory=dict)
+    rejected: dict[str, str] = Field(default_factory=dict)
+    input_global_sha256: str
+    strategy: str
+
+    _regional = model_validator(mode="after")(lambda self: _regional_version(self, True))
+
+
 class Result(Record):
     """``rounds/<r>/result.json``: accepted and rejected silos, and (committed) the new global."""
 
@@ -267,8 +360,11 @@ class Result(Record):
     server_state_in: ObjectRef | None = None
     server_state: ObjectRef | None = None
     committed_at: float | None = None
+    regions: dict[str, RegionOutcome] | None = Field(None, description="Per region (jobs with regions).")
 
     _v1 = model_validator(mode="before")(_v1_strategy)
+    _regional = model_validator(mode="after")(lambda self: _regional_version(self, self.regions))
+    _flat = model_serializer(mode="wrap")(lambda self, handler: _without_absent(self, handler, REGIONAL_RESULT_KEYS))
 
     @model_validator(mode="after")
     def _committed_has_global(self) -> Result:

@@ -107,6 +107,9 @@ class Silo(Strict):
     )
     placement: Placement = Field(default_factory=Placement)
     env: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars for this silo's steps.")
+    region: str | None = Field(
+        None, description="The region whose aggregator and store this silo uses (required when `regions` is given)."
+    )
 
     _env = field_validator("env")(_check_env)
 
@@ -199,6 +202,48 @@ class Quorum(Strict):
     def required(self, n_silos: int) -> int:
         """Fewest accepted updates a round over ``n_silos`` (sampled) silos commits with."""
         return max(1, self.min_silos, ceil_fraction(self.min_fraction, n_silos))
+
+
+#: Strategies whose regional partials combine exactly (weighted sum + total examples): FedAvg over the
+#: regions' partials equals FedAvg over all accepted updates; a server optimiser then runs once, globally.
+EXACT_REGION_STRATEGIES = ("FedAvg", "FedProx", "FedAvgM", "FedAdagrad", "FedAdam", "FedYogi")
+#: How regional aggregates of a robust strategy are combined (robust rules do not compose exactly).
+ACROSS_REGION_RULES = ("FedAvg", "FedMedian")
+
+
+class Region(Strict):
+    """A group of silos with its own aggregator and store: silo updates stay in the region's store and
+    only the region's partial aggregate crosses to the global aggregator."""
+
+    name: str = Field(pattern=NAME_RE, max_length=40, description="Region name (DNS label).")
+    store: str | None = Field(
+        None, description="The region's store, 'file:///path' or 's3://bucket/prefix' (default: the job's store)."
+    )
+    store_secrets: list[SecretRef] = Field(
+        default_factory=list,
+        description="Credentials of the region's store: given to this region's silo and regional pods only.",
+    )
+    placement: Placement = Field(default_factory=Placement, description="Where the regional aggregator runs.")
+    quorum: Quorum = Field(default_factory=Quorum, description="Fewest accepted updates of the region.")
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(file://[/$~]|s3://[^/]+)", value):
+            raise ValueError(f"{value!r} is not a store URL; use 'file:///path' or 's3://bucket/prefix'")
+        return value
+
+
+class AcrossRegions(Strict):
+    """The global tier of a job with regions: how many regions must contribute, and (robust strategies
+    only) the named rule that combines the regions' robust aggregates."""
+
+    min_regions: int = Field(1, ge=1, description="Fewest regions that must contribute a partial for a commit.")
+    rule: Literal["FedAvg", "FedMedian"] | None = Field(
+        None,
+        description="Robust strategies only: combine the regional aggregates by their example-weighted mean "
+        "(FedAvg) or coordinate-wise median (FedMedian). FedAvg-family strategies compose exactly: omit it.",
+    )
 
 
 class Guards(Strict):
@@ -294,6 +339,10 @@ class JobSpec(Strict):
     env: dict[str, str] = Field(default_factory=dict, description="Non-secret env vars for every step.")
     data: Data = Field(default_factory=Data)
     silos: list[Silo] = Field(min_length=1)
+    regions: list[Region] = Field(
+        default_factory=list, description="Optional regional tier: each silo names its region (see README, Regions)."
+    )
+    across_regions: AcrossRegions | None = Field(None, description="The global tier of a job with regions.")
     tags: list[str] = Field(default_factory=list)
 
     _client_app = field_validator("client_app")(_check_import_ref)
@@ -336,6 +385,13 @@ class JobSpec(Strict):
         self.strategy.parameters().check_silo_count(len(self.silos))
         if self.runner == "kubernetes" and not self.image:
             raise ValueError("runner 'kubernetes' needs 'image' (the fl-task image)")
+        problems = region_problems(self)
+        if problems:
+            raise ValidationError.from_exception_data("JobSpec", [
+                InitErrorDetails(type=PydanticCustomError("regions", "{problem}", {"problem": text}),
+                                 loc=loc, input=value)
+                for loc, text, value in problems
+            ])
         return self
 
     # -- derived values ------------------------------------------------------------------------
@@ -353,7 +409,12 @@ class JobSpec(Strict):
         return self.max_rounds_per_run or self.rounds_per_run
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json")
+        if not self.regions:  # a flat job hashes as it did before regions existed
+            data.pop("regions"), data.pop("across_regions")
+            for silo in data["silos"]:
+                silo.pop("region")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
@@ -371,6 +432,92 @@ class JobSpec(Strict):
         if not isinstance(data, dict):
             raise ValueError("the job spec payload must be a JSON object")
         return cls.model_validate({k: v for k, v in data.items() if not k.startswith("_")}, context={"in_step": True})
+
+
+def region_problems(spec: JobSpec) -> list[tuple[tuple[str | int, ...], str, Any]]:
+    """What is undefined or inconsistent in the spec's regional tier: (field location, message, value)."""
+    problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+    names = list(dict.fromkeys(r.name for r in spec.regions))
+    if not spec.regions:
+        for i, silo in enumerate(spec.silos):
+            if silo.region is not None:
+                problems.append((("silos", i, "region"), "the job defines no 'regions'; add the region or drop "
+                                 "this field", silo.region))
+        if spec.across_regions is not None:
+            problems.append((("across_regions",), "'across_regions' needs 'regions'", None))
+        return problems
+    for i, region in enumerate(spec.regions):
+        if region.name in [r.name for r in spec.regions[:i]]:
+            problems.append((("regions", i, "name"), f"duplicate region name {region.name!r}", region.name))
+    members: dict[str, int] = dict.fromkeys(names, 0)
+    for i, silo in enumerate(spec.silos):
+        if silo.region is None:
+            problems.append((("silos", i, "region"), f"silo {silo.name!r} needs a region (one of "
+                             f"{', '.join(names)}) since the job defines 'regions'", None))
+        elif silo.region not in members:
+            problems.append((("silos", i, "region"), f"unknown region {silo.region!r}; expected one of "
+                             f"{', '.join(names)}", silo.region))
+        else:
+            members[silo.region] += 1
+    params = spec.strategy.parameters()
+    for i, region in enumerate(spec.regions):
+        count = members.get(region.name, 0)
+        if count == 0:
+            problems.append((("regions", i, "name"), f"region {region.name!r} has no silos", region.name))
+            continue
+        if region.quorum.min_silos > count:
+            problems.append((("regions", i, "quorum", "min_silos"), f"larger than the region's {count} silo(s)",
+                             region.quorum.min_silos))
+        if spec.strategy.name not in EXACT_REGION_STRATEGIES:
+            try:
+                params.check_silo_count(count)
+            except ValueError as exc:
+                problems.append((("regions", i, "name"), f"{spec.strategy.name} runs per region: {exc}",
+                                 region.name))
+    across = spec.across_regions or AcrossRegions()
+    if across.min_regions > len(spec.regions):
+        problems.append((("across_regions", "min_regions"), f"larger than the number of regions "
+                         f"({len(spec.regions)})", across.min_regions))
+    exact = spec.strategy.name in EXACT_REGION_STRATEGIES
+    if exact and across.rule is not None:
+        problems.append((("across_regions", "rule"), f"{spec.strategy.name} combines regional partials exactly "
+                         "(weighted sums and example totals); a rule across regions is not defined for it: omit "
+                         "'rule'", across.rule))
+    if not exact and across.rule is None:
+        problems.append((("across_regions", "rule"), f"{spec.strategy.name} does not compose across regions "
+                         f"exactly: name how its regional aggregates combine ({' or '.join(ACROSS_REGION_RULES)})",
+                         None))
+    problems += _store_secret_problems(spec)
+    return problems
+
+
+def _store_secret_problems(spec: JobSpec) -> list[tuple[tuple[str | int, ...], str, Any]]:
+    """Residency: a region's store credentials appear nowhere but in that region's own pods."""
+    owner: dict[str, str] = {}
+    problems: list[tuple[tuple[str | int, ...], str, Any]] = []
+    for i, region in enumerate(spec.regions):
+        for j, ref in enumerate(region.store_secrets):
+            if owner.setdefault(ref.secret, region.name) != region.name:
+                problems.append((("regions", i, "store_secrets", j, "secret"), f"Secret {ref.secret!r} is "
+                                 f"already the store credential of region {owner[ref.secret]!r}", ref.secret))
+    if not owner:
+        return problems
+    for j, ref in enumerate(spec.placement.secrets):
+        if ref.secret in owner:
+            problems.append((("placement", "secrets", j, "secret"), f"Secret {ref.secret!r} is region "
+                             f"{owner[ref.secret]!r}'s store credential; global steps may not hold it", ref.secret))
+    for i, region in enumerate(spec.regions):
+        for j, ref in enumerate(region.placement.secrets):
+            if owner.get(ref.secret, region.name) != region.name:
+                problems.append((("regions", i, "placement", "secrets", j, "secret"), f"Secret {ref.secret!r} is "
+                                 f"region {owner[ref.secret]!r}'s store credential", ref.secret))
+    for i, silo in enumerate(spec.silos):
+        for j, ref in enumerate(silo.placement.secrets):
+            if owner.get(ref.secret, silo.region) != silo.region:
+                problems.append((("silos", i, "placement", "secrets", j, "secret"), f"Secret {ref.secret!r} is "
+                                 f"region {owner[ref.secret]!r}'s store credential; silo {silo.name!r} is in "
+                                 f"region {silo.region!r}", ref.secret))
+    return problems
 
 
 def json_schema() -> dict[str, Any]:

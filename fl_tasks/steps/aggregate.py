@@ -48,6 +48,11 @@ def run(env: StepEnv) -> None:
     except commit.RoundConflict as conflict:
         commit.record_lost(env.store, env.keys, conflict)
         raise
+    if plan.regions is not None:  # the regional tier: combine the regions' partials instead
+        from fl_tasks.steps import aggregate_regions
+
+        aggregate_regions.run(env, plan, head, head_version)
+        return
 
     accepted: dict[str, AcceptedUpdate] = {}
     rejected: dict[str, str] = {}

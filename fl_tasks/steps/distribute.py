@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import cast
 
-from fl_tasks import commit
+from fl_tasks import commit, regions
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.paths import expand_path
 from fl_tasks.records import Head, ObjectRef, Plan, PlanSilo, RegistryNames, Sampling
@@ -167,6 +167,7 @@ def _claim(env: StepEnv, spec: JobSpec, head: Head | None, r: int, tmp: Path) ->
         sampling=Sampling(fraction_train=strategy.fraction_train, seed=strategy.sample_seed),
         input_global=global_ref,
         previous_head=head,
+        **regions.plan_fields(spec),  # the regional tier (flat jobs: nothing)
     )
     owned = commit.claim_plan(env.store, env.keys, plan, log)
     _publish_initial(env, spec, owned, initial if owned is plan else None)

@@ -71,7 +71,12 @@ def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason:
     rejected = result.rejected if result else {}
     tags = {f"rejected.{n}": why[:4000] for n, why in rejected.items()}
     tags["airfed.failure"] = reason[:4000]
-    metrics = {"accepted": len(result.accepted) if result else 0, "rejected": len(rejected), "committed": 0}
+    metrics: dict[str, float] = {
+        "accepted": len(result.accepted) if result else 0, "rejected": len(rejected), "committed": 0,
+    }
+    region_metrics, region_tags = lineage.region_lineage(result.regions if result else None)
+    metrics.update(region_metrics)
+    tags.update(region_tags)
     lineage.log_round(c, run.info.run_id, metrics, {"round": r, "spec_hash": plan.spec_hash}, tags, step=r)
     c.set_terminated(run.info.run_id, "FAILED")
     c.set_terminated(parent.info.run_id, "FAILED")
@@ -152,6 +157,9 @@ def run(env: StepEnv, late: bool = False) -> None:
         tags.update({f"update_key.{n}": env.keys.update(r, n) for n in result.accepted})
         tags.update({f"rejected.{n}": reason[:4000] for n, reason in result.rejected.items()})
         tags.update({"plan_key": env.keys.plan(r), "result_key": env.keys.result(r)})
+        region_metrics, region_tags = lineage.region_lineage(result.regions)  # jobs with regions
+        metrics.update(region_metrics)
+        tags.update(region_tags)
         lineage.log_round(c, run_id, metrics, params, tags, step=r)
         lineage.log_round(c, parent.info.run_id, {k: metrics[k] for k in (*eval_metrics, "accepted", "rejected")},
                           {}, {"airfed.spec_hash": plan.spec_hash}, step=r)

@@ -129,8 +129,10 @@ def _cmd_verify(ns: argparse.Namespace) -> int:
     if ns.repair and ns.round is not None:
         print("airfed verify: error: --repair checks every round; leave out --round", file=sys.stderr)
         return 2
+    from fl_tasks.regions import region_stores
+
     rounds = audit.verify_job(store, spec.job, report, round_number=ns.round, all_rounds=all_rounds,
-                              tolerance=ns.tolerance)
+                              tolerance=ns.tolerance, region_stores=region_stores(spec, store))
     if rounds is not None and all_rounds:
         audit.verify_registry(store, spec.job, spec.model_name, report, repair=ns.repair)
     if rounds is None:

@@ -65,6 +65,21 @@ def round_entry(rec: dict[str, Any], seconds: float) -> dict[str, Any]:
     }
 
 
+def region_counts(store: Any, job: str, r: int) -> dict[str, dict[str, Any]]:
+    """Per region of a committed round (jobs with regions): accepted of sampled silos, or why it is missing."""
+    from fl_tasks.store import JobKeys
+
+    result = store.get_json_or_none(JobKeys(job).result(r)) or {}
+    counts = {}
+    for name, outcome in sorted((result.get("regions") or {}).items()):
+        entry = {"accepted": len(outcome["accepted"]), "rejected": len(outcome["rejected"]),
+                 "contributed": outcome["contributed"], "total_weight": outcome["total_weight"]}
+        if not outcome["contributed"]:
+            entry["reason"] = outcome["reason"]
+        counts[name] = entry
+    return counts
+
+
 def committed_record(store: Any, job: str, run_id: str | None) -> dict[str, Any] | None:
     """The round record (registry.json) that DAG run ``run_id`` registered, if it committed one."""
     from fl_tasks.store import JobKeys
@@ -104,7 +119,13 @@ def run_rounds(dag: Any, spec: JobSpec, store: Any, n_rounds: int, training: dic
             state = state if state != "success" else "failed"
             break
         rounds.append(round_entry(record, seconds))
-        print(progress_line(record, seconds), file=terminal, flush=True)
+        line = progress_line(record, seconds)
+        if spec.regions:  # the regional tier: accepted updates per region
+            rounds[-1]["regions"] = region_counts(store, spec.job, record["round"])
+            line += " | regions " + ", ".join(
+                f"{n} {c['accepted']}/{c['accepted'] + c['rejected']}" if c["contributed"] else f"{n} missing"
+                for n, c in rounds[-1]["regions"].items())
+        print(line, file=terminal, flush=True)
     return rounds, run_ids, state
 
 
@@ -173,6 +194,14 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         "mlflow_run_id": last["mlflow_parent_run_id"] if last else None,
         "airflow_log": str(log_path),
     }
+    if spec.regions:
+        from fl_tasks.paths import redact_uri
+        from fl_tasks.regions import store_env
+
+        summary["region_stores"] = {
+            r.name: redact_uri(next(iter(store_env(spec, "aggregate_region", region=r.name).values()), store.url))
+            for r in spec.regions
+        }
     reports = home / "reports" / spec.job
     reports.mkdir(parents=True, exist_ok=True)
     if records and store.exists(keys.convergence_plot):

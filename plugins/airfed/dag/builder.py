@@ -21,7 +21,7 @@ from airflow.sdk import DAG, Asset, Param, chain
 
 from airfed.dag.next_round import NextRoundOperator
 from airfed.dag.step_calls import RoundRefs, round_calls
-from fl_tasks.contract import ROUND_STEPS, SILO_STEPS
+from fl_tasks.contract import REGION_STEPS, REGIONAL_ROUND_STEPS, ROUND_STEPS, SILO_STEPS
 from fl_tasks.spec import JobSpec
 
 START_DATE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -31,15 +31,24 @@ TIMEOUT_GRACE_SECONDS = 60
 #: Steps that run whatever the state of their upstream tasks: validate records "no update" for a
 #: silo whose training failed, aggregate applies the quorum to whatever updates exist, register
 #: records the round once aggregate committed it even if a silo's evaluation failed.
-ALL_DONE_STEPS = ("validate", "aggregate", "register")
+ALL_DONE_STEPS = ("validate", "aggregate", "register", "aggregate_region", "collect_region")
+#: In a job with regions, also the silo steps that follow a regional-tier step: a region that is down
+#: (its distribute_region or publish_region failed) must not stop the other regions' silos, which a
+#: mapped upstream with one failed instance would; the down region's silos fail on their own.
+REGIONAL_ALL_DONE_STEPS = ("train", "evaluate")
 NEXT_ROUND_TASK_ID = "next_round"
 
 
 def task_id(step: str) -> str:
     """The task id of a round step (its name: one DAG run is one round)."""
-    if step not in ROUND_STEPS:
-        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS)}")
+    if step not in ROUND_STEPS + REGION_STEPS:
+        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS + REGION_STEPS)}")
     return step
+
+
+def round_steps(spec: JobSpec) -> tuple[str, ...]:
+    """The steps of one round of ``spec`` in order: with the regional tier when the job has regions."""
+    return REGIONAL_ROUND_STEPS if spec.regions else ROUND_STEPS
 
 
 #: What the StepCalls of a DAG hold: Jinja that Airflow resolves per run. The round number is the
@@ -76,7 +85,7 @@ def task_options(spec: JobSpec, step: str) -> dict[str, Any]:
         "retry_exponential_backoff": ex.retry_exponential_backoff,
         "max_retry_delay": timedelta(seconds=ex.max_retry_delay_seconds),
     }
-    if step in ALL_DONE_STEPS:
+    if step in ALL_DONE_STEPS or (spec.regions and step in REGIONAL_ALL_DONE_STEPS):
         options["trigger_rule"] = "all_done"
     if step == "register":  # succeeds only for a committed round: one Asset event per new global
         options["outlets"] = [model_asset(spec)]
@@ -129,6 +138,6 @@ def build_dag(spec: JobSpec, spec_path: str | Path) -> DAG:
         params=dag_params(spec),
         default_args={"owner": "airfed"},
     ) as dag:
-        steps = [make_task(step, calls[step], task_options(spec, step)) for step in ROUND_STEPS]
+        steps = [make_task(step, calls[step], task_options(spec, step)) for step in round_steps(spec)]
         chain(*steps, NextRoundOperator(task_id=NEXT_ROUND_TASK_ID, trigger_dag_id=spec.job))
     return dag

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fl_tasks.contract import SPEC_ENV, TIMEOUT_ENV, StepCall, step_argv
-from fl_tasks.spec import JobSpec
+from fl_tasks import regions
+from fl_tasks.contract import REGION_STEPS, SPEC_ENV, TIMEOUT_ENV, StepCall, step_argv
+from fl_tasks.spec import JobSpec, Placement
 
 #: The step's argument that distribute receives instead of a round number: it picks HEAD + 1.
 NEXT_ROUND = "next"
@@ -45,9 +46,9 @@ def round_calls(spec: JobSpec, refs: RoundRefs) -> dict[str, StepCall | list[Ste
             StepCall(
                 step,
                 step_argv(step, job=spec.job, round_ref=refs.round, run_id=refs.run_id, silo=silo.name),
-                {**common_env, **silo.env, **silo_timeout},
+                {**common_env, **silo.env, **silo_timeout, **regions.store_env(spec, step, silo=silo.name)},
                 silo.name,
-                silo.placement,
+                _with_store_secrets(silo.placement, regions.store_secrets(spec, silo=silo.name)),
             )
             for silo in spec.silos
         ]
@@ -58,7 +59,7 @@ def round_calls(spec: JobSpec, refs: RoundRefs) -> dict[str, StepCall | list[Ste
     distribute_argv = step_argv("distribute", job=spec.job, round_ref=NEXT_ROUND, run_id=refs.run_id) + [
         "--chain-id", refs.chain_id, "--training", refs.training,
     ]
-    return {
+    calls: dict[str, StepCall | list[StepCall]] = {
         "distribute": server_call("distribute", distribute_argv, {SPEC_ENV: spec.step_payload()}),
         "train": silo_calls("train"),
         "validate": silo_calls("validate"),
@@ -66,3 +67,30 @@ def round_calls(spec: JobSpec, refs: RoundRefs) -> dict[str, StepCall | list[Ste
         "evaluate": silo_calls("evaluate"),
         "register": server_call("register", server_argv("register")),
     }
+    if spec.regions:
+        calls.update({step: region_calls(spec, refs, step) for step in REGION_STEPS})
+    return calls
+
+
+def region_calls(spec: JobSpec, refs: RoundRefs, step: str) -> list[StepCall]:
+    """One StepCall per region of a regional-tier step: the region's placement, with its store's URL
+    and credentials (and those of no other region)."""
+    env = {**job_env(spec), TIMEOUT_ENV: str(spec.execution.server_timeout_seconds)}
+    return [
+        StepCall(
+            step,
+            step_argv(step, job=spec.job, round_ref=refs.round, run_id=refs.run_id, region=region.name),
+            {**env, **regions.store_env(spec, step, region=region.name)},
+            None,
+            _with_store_secrets(region.placement, region.store_secrets),
+            region=region.name,
+        )
+        for region in spec.regions
+    ]
+
+
+def _with_store_secrets(placement: Placement, secrets: list) -> Placement:
+    """``placement`` with the region's store credentials added (unchanged for a silo outside regions)."""
+    if not secrets:
+        return placement
+    return placement.model_copy(update={"secrets": [*placement.secrets, *secrets]})

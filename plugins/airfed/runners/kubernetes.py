@@ -38,7 +38,7 @@ from kubernetes.client import models as k8s
 
 from airfed.runners import OperatorFactory
 from airfed.ui.links import step_links
-from fl_tasks.contract import RESULT_FILE_ENV, SERVER_STEPS, SILO_STEPS, SKIP_EXIT_CODE, StepCall
+from fl_tasks.contract import REGION_STEPS, RESULT_FILE_ENV, SERVER_STEPS, SILO_STEPS, SKIP_EXIT_CODE, StepCall
 from fl_tasks.spec import JobSpec, Placement, SecretRef
 
 #: Where the provider's xcom sidecar reads a pod's result from (``PodDefaults.XCOM_MOUNT_PATH``).
@@ -119,15 +119,17 @@ class FlStepPodOperator(KubernetesPodOperator):
         step: str,
         silo: str | None = None,
         placement: Placement | dict[str, Any] | None = None,
+        region: str | None = None,
         **kwargs: Any,
     ) -> None:
         placement = placement if isinstance(placement, Placement) else Placement.model_validate(placement or {})
         super().__init__(**placement_pod_kwargs(placement), **kwargs)
         self.step = step
         self.silo = silo
+        self.region = region
 
 
-def pod_labels(spec: JobSpec, step: str, silo: str | None) -> dict[str, str]:
+def pod_labels(spec: JobSpec, step: str, silo: str | None, region: str | None = None) -> dict[str, str]:
     """airfed's labels of a step's pod (the provider adds dag_id, task_id, run_id, map_index, try_number)."""
     labels = {
         "app.kubernetes.io/name": "fl-task",
@@ -138,6 +140,9 @@ def pod_labels(spec: JobSpec, step: str, silo: str | None) -> dict[str, str]:
     }
     if silo:
         labels[f"{LABEL_PREFIX}/silo"] = silo
+    if region:
+        labels[f"{LABEL_PREFIX}/role"] = "region"
+        labels[f"{LABEL_PREFIX}/region"] = region
     return labels
 
 
@@ -185,15 +190,18 @@ def step_kwargs(spec: JobSpec, step: str, options: dict[str, Any]) -> dict[str, 
 def pod_kwargs(spec: JobSpec, call: StepCall) -> dict[str, Any]:
     """Arguments of one pod: the StepCall's argv and env, its labels, name and placement (plain data)."""
     placement = call.placement.model_dump(mode="json", exclude_defaults=True) if call.placement else {}
-    return {
+    kwargs = {
         "silo": call.silo,
-        "name": pod_name(spec, call.step, call.silo),
+        "name": pod_name(spec, call.step, call.silo or call.region),
         "cmds": call.argv[:1],
         "arguments": call.argv[1:],
         "env_vars": pod_env(call),
-        "labels": pod_labels(spec, call.step, call.silo),
+        "labels": pod_labels(spec, call.step, call.silo, call.region),
         "placement": placement,
     }
+    if call.region is not None:
+        kwargs["region"] = call.region
+    return kwargs
 
 
 def step_pod_operators(spec: JobSpec, step: str, call: StepCall | list[StepCall],
@@ -210,8 +218,9 @@ def kubernetes_tasks(spec: JobSpec) -> OperatorFactory:
         """``options``: Airflow task arguments from the builder (task id, timeouts, retries, trigger rule)."""
         if isinstance(call, StepCall):
             return FlStepPodOperator(**step_kwargs(spec, step, options), **pod_kwargs(spec, call))
+        label = "{{ task.region }}" if step in REGION_STEPS else "{{ task.silo }}"
         return FlStepPodOperator.partial(
-            **step_kwargs(spec, step, options), map_index_template="{{ task.silo }}"
+            **step_kwargs(spec, step, options), map_index_template=label
         ).expand_kwargs([pod_kwargs(spec, c) for c in call])
 
     return make

@@ -23,7 +23,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
 from airfed.ui.links import step_links
-from fl_tasks.contract import RESULT_FILE_ENV, SKIP_EXIT_CODE, StepCall
+from fl_tasks.contract import REGION_STEPS, RESULT_FILE_ENV, SKIP_EXIT_CODE, StepCall
 from fl_tasks.warm import RunningStep, launcher_from_env, step_command
 
 
@@ -34,8 +34,10 @@ class LocalStepOperator(BaseOperator):
     ui_color = "#e8f4ea"
     operator_extra_links = step_links()  # MLflow round run + registered model version
 
-    def __init__(self, *, step: str, argv: list[str], env: dict[str, str], silo: str | None = None, **kwargs: Any):
+    def __init__(self, *, step: str, argv: list[str], env: dict[str, str], silo: str | None = None,
+                 region: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.region = region
         self.step = step
         self.argv = argv
         self.env = env
@@ -77,6 +79,7 @@ def local_task(step: str, call: StepCall | list[StepCall], options: dict[str, An
     """A server step as one task; a per-silo step as one task mapped over the silos."""
     if isinstance(call, StepCall):
         return LocalStepOperator(step=step, argv=call.argv, env=call.env, **options)
+    label = "{{ task.region }}" if step in REGION_STEPS else "{{ task.silo }}"
     return LocalStepOperator.partial(
-        step=step, map_index_template="{{ task.silo }}", **options
+        step=step, map_index_template=label, **options
     ).expand_kwargs([c.as_kwargs() for c in call])

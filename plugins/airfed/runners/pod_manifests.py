@@ -21,10 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from airfed.dag.builder import task_options
+from airfed.dag.builder import round_steps, task_options
 from airfed.dag.step_calls import RoundRefs, round_calls
 from airfed.runners.kubernetes import step_pod_operators
-from fl_tasks.contract import ROUND_STEPS
 from fl_tasks.spec import JobSpec
 
 
@@ -37,6 +36,7 @@ class RenderedPod:
     silo: str | None
     conn_id: str | None
     manifest: dict[str, Any]
+    region: str | None = None
 
 
 def connection_env_name(conn_id: str) -> str:
@@ -70,14 +70,14 @@ def render_round(spec: JobSpec, *, round_number: int | str, run_id: str) -> list
     calls = round_calls(spec, refs)
     operators = [
         (step, op)
-        for step in ROUND_STEPS
+        for step in round_steps(spec)
         for op in step_pod_operators(spec, step, calls[step], task_options(spec, step))
     ]
     serialize = ApiClient().sanitize_for_serialization
     with stand_in_connections({op.kubernetes_conn_id for _, op in operators if op.kubernetes_conn_id}):
         return [
             RenderedPod(op.task_id, step, op.silo, op.kubernetes_conn_id,
-                        serialize(op.build_pod_request_obj(dry_run=True)))
+                        serialize(op.build_pod_request_obj(dry_run=True)), getattr(op, "region", None))
             for step, op in operators
         ]
 
@@ -88,7 +88,8 @@ def to_yaml(pods: list[RenderedPod]) -> str:
 
     docs = []
     for pod in pods:
-        where = f"{pod.task_id}[{pod.silo}]" if pod.silo else pod.task_id
+        label = pod.silo or pod.region
+        where = f"{pod.task_id}[{label}]" if label else pod.task_id
         header = f"# {where} | Airflow connection: {pod.conn_id}\n"
         docs.append("---\n" + header + yaml.safe_dump(pod.manifest, sort_keys=False, width=120))
     return "".join(docs)

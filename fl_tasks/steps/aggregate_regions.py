@@ -1,0 +1,152 @@
+"""The global aggregate of a job with regions: combine the regions' partials, then commit.
+
+Called by the aggregate step when the round's plan has regions. Reads each region's
+:class:`~fl_tasks.records.RegionPartial` from the job's store (never a silo's update: those stay in
+the regions' stores), verifies each partial's sha256, applies the global quorum of regions (and the
+job's quorum on the accepted updates across them), combines the partials (exact FedAvg for the FedAvg
+family, the spec's named rule for robust strategies), runs the server optimiser and server-side DP
+noise once, and commits with the same protocol as a flat round (result.json created, HEAD moved
+last, idempotent retries). ``result.json`` names each region's partial or why it has none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fl_tasks import commit
+from fl_tasks.aggregation.partials import global_from_partials
+from fl_tasks.faults import crash_point
+from fl_tasks.privacy import add_gaussian_noise, noise_stddev
+from fl_tasks.records import AcceptedUpdate, Head, ObjectRef, Plan, RegionOutcome, RegionPartial, Result
+from fl_tasks.spec import EXACT_REGION_STRATEGIES, AcrossRegions
+from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
+from fl_tasks.store import ChecksumMismatch, sha256_bytes
+
+
+class RegionQuorumNotMet(RuntimeError):
+    pass
+
+
+def partial_record_key(env: StepEnv, r: int, region: str) -> str:
+    return f"{env.keys.round_dir(r)}/regions/{region}.json"
+
+
+def region_outcomes(env: StepEnv, plan: Plan, tmp: Path) -> tuple[dict[str, RegionOutcome], list[tuple[Path, float]],
+                                                                 dict[str, AcceptedUpdate], dict[str, str]]:
+    """Each region's outcome, the verified partial files of those that contributed, and the accepted
+    and rejected silos across regions (a region without a partial rejects its silos with its reason)."""
+    outcomes: dict[str, RegionOutcome] = {}
+    partials: list[tuple[Path, float]] = []
+    accepted: dict[str, AcceptedUpdate] = {}
+    rejected: dict[str, str] = {}
+    sampled = set(plan.sampled_silos)
+    for region in plan.regions or []:
+        key = partial_record_key(env, plan.round, region.name)
+        raw = env.store.get_bytes(key) if env.store.exists(key) else None
+        record = env.store.get_record(key, RegionPartial) if raw is not None else None
+        silos = [s for s in region.silos if s in sampled]
+        reason = _why_not(plan, record)
+        partial_path = None
+        if reason is None and record is not None and record.partial is not None:
+            try:
+                partial_path = env.fetch(record.partial, tmp)
+            except ChecksumMismatch as exc:
+                reason = f"region {region.name}: {exc}"
+        if reason is not None or record is None or partial_path is None:
+            reason = reason or f"region {region.name}: no partial"
+            outcomes[region.name] = RegionOutcome(
+                contributed=False, reason=reason,
+                record=ObjectRef(key=key, sha256=sha256_bytes(raw)) if raw is not None else None,
+                accepted=[], rejected=dict(record.rejected) if record else {},
+            )
+            for silo in silos:
+                rejected[silo] = (record.rejected.get(silo) if record else None) or reason
+            log(f"round {plan.round}: {reason}")
+            continue
+        assert raw is not None
+        partials.append((partial_path, record.total_weight))
+        accepted.update(record.accepted)
+        rejected.update(record.rejected)
+        outcomes[region.name] = RegionOutcome(
+            contributed=True, partial=record.partial, record=ObjectRef(key=key, sha256=sha256_bytes(raw)),
+            accepted=list(record.accepted), rejected=dict(record.rejected), total_weight=record.total_weight,
+        )
+    return outcomes, partials, accepted, rejected
+
+
+def _why_not(plan: Plan, record: RegionPartial | None) -> str | None:
+    """Why a region's record does not count this round (None: it contributes)."""
+    if record is None:
+        return "no partial: its aggregate_region did not run, or failed before it could record why"
+    if record.dag_run_id != plan.dag_run_id or record.input_global_sha256 != plan.input_global.sha256:
+        return f"region {record.region}: its partial belongs to run {record.dag_run_id}, not this round's plan"
+    if not record.contributed:
+        return record.reason
+    return None
+
+
+def run(env: StepEnv, plan: Plan, head: Head | None, head_version: str | None) -> None:
+    """Aggregate and commit a regional round (``head``/``head_version``: HEAD as the caller read it)."""
+    r = plan.round
+    across = plan.across_regions or AcrossRegions()
+    with scratch_dir() as tmp:
+        outcomes, partials, accepted, rejected = region_outcomes(env, plan, tmp)
+        contributed = [name for name, o in outcomes.items() if o.contributed]
+        need_updates = plan.quorum.required(len(plan.sampled_silos))
+        problem = None
+        if len(contributed) < across.min_regions:
+            missing = "; ".join(f"{n}: {o.reason}" for n, o in outcomes.items() if not o.contributed)
+            problem = (f"only {len(contributed)} region(s) contributed ({', '.join(contributed) or 'none'}), "
+                       f"across_regions.min_regions needs {across.min_regions} (missing {missing})")
+        elif len(accepted) < need_updates:
+            problem = f"only {len(accepted)} accepted update(s) across regions, quorum needs {need_updates}"
+        if problem is not None:
+            message = f"round {r}: {problem}; HEAD stays at round {head.round if head else 0}"
+            commit.record_uncommitted(env.store, env.keys, Result(
+                job=env.args.job, round=r, dag_run_id=plan.dag_run_id, committed=False, reason=message,
+                accepted=accepted, rejected=rejected, input_global=plan.input_global, regions=outcomes,
+            ))
+            raise RegionQuorumNotMet(message)
+        strategy = plan.strategy
+        kind = "sum" if strategy.name in EXACT_REGION_STRATEGIES else "model"
+        global_path = env.fetch(plan.input_global, tmp)
+        state_in_ref = head.server_state if head else None
+        state_in = env.fetch(state_in_ref, tmp) if state_in_ref else None
+        state_out = tmp / "server_state.safetensors"
+        out = tmp / "new_global.safetensors"
+        info = global_from_partials(strategy.name, strategy.params, partials, out, kind=kind, rule=across.rule,
+                                    global_path=global_path, state_in=state_in, state_out=state_out, scratch=tmp)
+        if info.get("state_reset"):
+            log(f"round {r}: {info['state_reset']}")
+        server_state = None
+        if info["state_written"]:
+            state_key = env.keys.server_state(r)
+            server_state = ObjectRef(key=state_key, sha256=env.store.put_file(state_key, state_out))
+        dp = plan.differential_privacy
+        if dp:  # once, at the global level, over every accepted update of every region
+            stddev = noise_stddev(dp.noise_multiplier, dp.clipping_norm, len(accepted))
+            add_gaussian_noise(out, stddev)
+            log(f"round {r}: differential privacy ({dp.mode}-side clipping): Gaussian noise std {stddev:.4g}")
+        new_key = env.keys.global_model(r + 1)
+        new_global = ObjectRef(key=new_key, sha256=env.store.put_file(new_key, out))
+    result = Result(
+        job=env.args.job, round=r, dag_run_id=plan.dag_run_id, committed=True, sampled=plan.sampled_silos,
+        strategy=strategy, differential_privacy=dp, accepted=accepted, rejected=rejected,
+        input_global=plan.input_global, new_global=new_global, server_state_in=state_in_ref,
+        server_state=server_state, committed_at=now(), regions=outcomes,
+    )
+    try:
+        commit.commit_round(env.store, env.keys, result, head, head_version,
+                            before_head=lambda: crash_point("aggregate:before-head"))
+    except commit.RoundConflict as conflict:
+        commit.record_lost(env.store, env.keys, conflict)
+        raise
+    log(f"round {r}: {strategy.name} over {len(contributed)} region(s) ({', '.join(contributed)}), "
+        f"{len(accepted)} update(s); committed global {new_global.sha256[:12]}")
+    write_result({
+        "round": r,
+        "accepted": {n: a.model_dump() for n, a in accepted.items()},
+        "rejected": rejected,
+        "new_global": new_global.model_dump(),
+        "regions": {n: o.model_dump(mode="json") for n, o in outcomes.items()},
+    })

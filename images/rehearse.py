@@ -325,14 +325,15 @@ def get_json(url: str, token: str | None = None) -> dict:
     return json.loads(body)
 
 
-def wait_for(what: str, ready: Callable[[], bool], services: list[Service], timeout: float) -> None:
+def wait_for(what: str, ready: Callable[[], bool], services: list[Service], timeout: float,
+             interval: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         for service in services:
             check(service.alive(), lambda s=service: f"{s.name} exited (code {s.proc.returncode}) while waiting "
                                                      f"for {what}; last lines of {s.log}:\n{tail(s.log, 40)}")
         check(time.monotonic() < deadline, f"{what} not ready within {timeout:.0f}s")
-        time.sleep(1)
+        time.sleep(interval)
 
 
 # -- S3 (moto) --------------------------------------------------------------------------------------
@@ -447,7 +448,8 @@ class Deployment:
 
     def tools_env(self) -> dict[str, str]:
         bindir = str(Path(self.tools_python).parent)
-        env = clean_env(**self.s3_env(), MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint, PYTHONUNBUFFERED="1")
+        s3_env = self.s3_env()
+        env = clean_env(**s3_env, MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"], PYTHONUNBUFFERED="1")
         env.update({MARKER_ENV: self.marker, "PATH": os.pathsep.join([bindir, env["PATH"]])})
         return env
 
@@ -536,18 +538,22 @@ class Deployment:
         say("smoke ok: " + "; ".join(done))
         return done
 
-    def up(self) -> None:
-        tools = self.tools_env()
-        self.start("s3", [self.tools_python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)], tools)
+    def start_s3(self) -> None:
+        """moto's S3 server on ``s3_port`` with the store's and MLflow's buckets."""
+        self.start("s3", [self.tools_python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                   self.tools_env())
         wait_for("the S3 server", lambda: http("GET", f"{self.s3.endpoint}/")[0] == 200, self.services, 120)
         self.s3.create_bucket(STORE_BUCKET)
         self.s3.create_bucket(MLFLOW_BUCKET)
+
+    def up(self) -> None:
+        self.start_s3()
         self.start("mlflow", [
             self.tools_python, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
             "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "1",
-        ], tools)
+        ], self.tools_env())
         # the fl-task image bakes the example's silo data; here the step env creates it under AIRFED_HOME
         self.run("example-data", [sys.executable, install_env.__file__, "example-data", str(self.dags / SPEC.name),
                                   "--python", self.envs["steps"].python],
@@ -738,12 +744,17 @@ class Deployment:
         summary["links"] = links
 
         # The committed history recomputes from S3 (the step environment: numpy, safetensors)
-        out = self.run("airfed-verify", [str(self.envs["steps"].bin / "airfed"), "verify",
-                                         str(self.dags / SPEC.name), "--all"],
-                       clean_env(AIRFED_HOME=str(self.home), AIRFED_STORE_URL=self.store_url, **self.s3_env()))
-        summary["verify"] = out.strip().splitlines()[-1] if out.strip() else ""
-
+        summary["verify"] = self.verify_in_steps("--all")
         return summary
+
+    def verify_in_steps(self, *options: str) -> str:
+        """``airfed verify SPEC <options>`` in the step environment against the deployment's S3 and MLflow
+        server (as a one-shot pod would run it); its last line. Fails the rehearsal on a non-zero exit."""
+        out = self.run(f"airfed-verify{'-'.join(o.strip('-') for o in ('', *options))}",
+                       [str(self.envs["steps"].bin / "airfed"), "verify", str(self.dags / SPEC.name), *options],
+                       clean_env(AIRFED_HOME=str(self.home), AIRFED_STORE_URL=self.store_url,
+                                 MLFLOW_TRACKING_URI=self.mlflow, **self.s3_env()))
+        return out.strip().splitlines()[-1] if out.strip() else ""
 
     def resolve_link(self, name: str, url: str) -> set[tuple[str, str]]:
         """Check one extra link against its server's REST API; the (model, version) it names.
@@ -821,16 +832,21 @@ def rehearse(envs: dict[str, Env], home: Path, rounds: int = 2, tools_python: st
         summary["run_seconds"] = round(time.monotonic() - phase)
         summary.update(deployment.verify(rounds, runs))
     finally:
-        killed = stop_all(deployment.services, deployment.marker)
-        if killed:
-            say(f"killed what did not stop on SIGTERM: {killed}")
-        stopped = stop_warm_servers(deployment.warm_dir)
-        if stopped:
-            say(f"stopped the warm step server(s) of the steps env: {stopped}")
-        left = marked_processes(deployment.marker)
-        check(not left, f"processes left running: {left}")
+        teardown(deployment)
     summary["seconds"] = round(time.monotonic() - started)
     return summary
+
+
+def teardown(deployment: Deployment) -> None:
+    """Stop everything the deployment started (servers, steps, warm step servers); fail if any is left."""
+    killed = stop_all(deployment.services, deployment.marker)
+    if killed:
+        say(f"killed what did not stop on SIGTERM: {killed}")
+    stopped = stop_warm_servers(deployment.warm_dir)
+    if stopped:
+        say(f"stopped the warm step server(s) of the steps env: {stopped}")
+    left = marked_processes(deployment.marker)
+    check(not left, f"processes left running: {left}")
 
 
 def summary_line(summary: dict, envs: dict[str, Env]) -> str:

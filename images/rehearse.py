@@ -111,6 +111,22 @@ def inputs_hash(side: str, project: Path = REPO) -> str:
     return digest.hexdigest()[:12]
 
 
+#: What ``install_env.py --project-only`` installs of airfed (pyproject's package dirs) and its metadata.
+PROJECT_SOURCES = ("pyproject.toml", "plugins/airfed", "fl_tasks", "examples")
+
+
+def sources_hash(project: Path = REPO) -> str:
+    """The airfed sources an environment holds: while unchanged, a reused environment is not reinstalled
+    (a second rehearsal in one test session, e.g. the fault mode's, costs no install)."""
+    digest = hashlib.sha256()
+    for top in PROJECT_SOURCES:
+        root = project / top
+        for path in sorted([root] if root.is_file() else root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock, so a test run and a ``make rehearse`` never build the same env at once."""
@@ -132,17 +148,21 @@ def build_env(side: str, cache: Path = CACHE) -> Env:
     started = time.monotonic()
     with locked(cache / f"{side}.lock"):
         env.cached = (env.root / ".complete").exists()
+        sources, installed = sources_hash(), env.root / ".sources"
         script = [sys.executable, install_env.__file__, "install", side]
         if env.cached:
             argv = [*script, "--python", env.python, "--project-only"]
         else:
             shutil.rmtree(env.root, ignore_errors=True)
             argv = [*script, "--venv", str(env.root)]
-        with open(log, "w") as out:
-            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=clean_env())
-        if proc.returncode != 0:
-            raise RehearsalFailed(f"building the {side} environment failed (exit {proc.returncode}); "
-                                  f"last lines of {log}:\n{tail(log, 30)}")
+        if not (env.cached and installed.exists() and installed.read_text() == sources):
+            installed.unlink(missing_ok=True)  # an install cut short must not look complete
+            with open(log, "w") as out:
+                proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=clean_env())
+            if proc.returncode != 0:
+                raise RehearsalFailed(f"building the {side} environment failed (exit {proc.returncode}); "
+                                      f"last lines of {log}:\n{tail(log, 30)}")
+            installed.write_text(sources)
         (env.root / ".complete").touch()
         for stale in cache.glob(f"{side}-*"):  # older inputs: never used again
             if stale.is_dir() and stale != env.root:

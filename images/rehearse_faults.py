@@ -33,7 +33,8 @@ with backoff); the scheduler checks for orphaned tasks every 5 s (default 300 s)
 S3 12 times (``AIRFED_S3_RETRIES``, ≥ 35 s of backoff, so a 30 s outage is ridden out) and the
 MLflow client twice (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``; default 7, about 4 minutes).
 
-Stdlib only, like ``rehearse.py``, whose functions it uses.
+Stdlib only, like ``rehearse.py`` whose functions it uses, but for the promotion rule itself
+(``fl_tasks.lineage.is_better``, from the dev venv that runs the rehearsal).
 """
 
 from __future__ import annotations
@@ -279,13 +280,17 @@ class FaultDeployment(rehearse.Deployment):
 
 
 def label(ti: dict) -> str:
-    return f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
+    """``train[us]``: a mapped task instance by its silo (the map index template), else its index."""
+    if ti["map_index"] < 0:
+        return ti["task_id"]
+    return f"{ti['task_id']}[{ti.get('rendered_map_index') or ti['map_index']}]"
 
 
 # -- the faults -------------------------------------------------------------------------------------
 def kill_scheduler(d: FaultDeployment) -> str:
     """Fault 1: SIGKILL the scheduler's process tree while round 1 trains; restart; the round goes on."""
     run, hits = d.wait_task("train", ("running",), 0)
+    started = time.monotonic()
     scheduler = d.service("airflow-scheduler")
     assert scheduler.proc is not None
     killed = kill_tree(scheduler.proc.pid)
@@ -298,7 +303,8 @@ def kill_scheduler(d: FaultDeployment) -> str:
         raise RehearsalFailed("after the scheduler was killed: " + d.failure_report([run]))
     again = d.retried(run)
     check(again, "the killed task instances were never run again, yet the run succeeded")
-    return f"scheduler SIGKILLed mid-round: carried; the restarted scheduler reset and re-ran {', '.join(again)}"
+    return (f"scheduler SIGKILLed mid-round: carried; the restarted scheduler reset and re-ran {', '.join(again)} "
+            f"(round done {time.monotonic() - started:.0f}s after the kill)")
 
 
 def stop_s3(d: FaultDeployment, rounds: int) -> str:
@@ -320,14 +326,16 @@ def stop_s3(d: FaultDeployment, rounds: int) -> str:
                      lambda: "committed" if d.head_round() > head_before else
                      ("failed" if d.run_state(run) == "failed" else None))
     retries = d.log_count(run, "transient error")
+    after = f"{time.monotonic() - stopped:.0f}s after the stop"
     if outcome == "failed":
         report = d.failure_report([run])
         d.redo(rounds - d.head_round())
-        return f"S3 stopped {S3_OUTAGE_SECONDS:.0f}s mid-round: failed clearly, redone by the next run ({report[:400]})"
+        return (f"S3 stopped {S3_OUTAGE_SECONDS:.0f}s mid-round: failed clearly ({after}), redone by the next run "
+                f"({report[:400]})")
     again = d.retried(run, exclude=("register", "next_round"))
     how = (f"Airflow retried {', '.join(again)}" if again else "no task attempt failed")
     return (f"S3 stopped {S3_OUTAGE_SECONDS:.0f}s mid-round: carried by retries ({retries} S3 request retries "
-            f"in the task logs; {how})")
+            f"in the task logs; {how}; round committed {after})")
 
 
 def stop_mlflow(d: FaultDeployment, rounds: int) -> str:
@@ -336,19 +344,37 @@ def stop_mlflow(d: FaultDeployment, rounds: int) -> str:
     mlflow = d.service("mlflow")
     d.stopped.add(mlflow.name)
     mlflow.signal_group(signal.SIGKILL)
+    started = time.monotonic()
     say(f"fault 3: MLflow server killed while register was {hits[0]['state']} (run {run['dag_run_id']})")
     ti = d.wait("register to finish", lambda: next((t for t in d.tasks(run, "register") if t["state"] in DONE), None))
     assert isinstance(ti, dict)
+    # a register that succeeded at its first try with the server down finished (its MLflow part) before the kill
+    check(not (ti["state"] == "success" and ti["try_number"] == 1),
+          "register finished before the MLflow server went down: the fault missed it")
     restart(d, mlflow)
     d.stopped.discard(mlflow.name)
     d.wait("the MLflow server", lambda: http("GET", f"{d.mlflow}/health")[0] == 200, rehearse.STARTUP_TIMEOUT)
     say(f"fault 3: MLflow server restarted; register ended {ti['state']} after {ti['try_number']} tries")
     d.wait_run_done(run)
     if ti["state"] == "success":
-        return "MLflow killed during register: carried by register's retries"
+        return (f"MLflow killed during register: carried by register's retries (try {ti['try_number']}, "
+                f"{time.monotonic() - started:.0f}s)")
     check(ti["state"] == "failed", f"register ended {ti['state']}")
     repaired = d.verify_in_steps("--repair")
-    return f"MLflow killed during register: register failed clearly; backfilled by airfed verify --repair ({repaired})"
+    return (f"MLflow killed during register: register failed clearly ({mlflow_errors(d, run)[:160]}); backfilled "
+            f"by airfed verify --repair {time.monotonic() - started:.0f}s after the kill ({repaired})")
+
+
+def mlflow_errors(d: FaultDeployment, run: dict) -> str:
+    """The first line of register's logs naming MLflow as unavailable (``LineageUnavailable``), or ''."""
+    folder = d.airflow_home / "logs" / f"dag_id={JOB}" / f"run_id={run['dag_run_id']}" / "task_id=register"
+    for path in sorted(folder.glob("attempt=*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if "LineageUnavailable: " in line:
+                with contextlib.suppress(ValueError):
+                    line = str(json.loads(line).get("event", line))
+                return line.split("LineageUnavailable: ", 1)[1]
+    return ""
 
 
 # -- the checks -------------------------------------------------------------------------------------
@@ -356,16 +382,15 @@ def expected_champion(versions: list[dict], direction: str) -> str | None:
     """The version the promotion rule leaves as champion: in round order, a version with a promotion
     value takes the alias when there is none yet or it is better (NaN beats nothing; a real value beats
     a NaN champion), as ``fl_tasks.lineage.is_better``."""
+    from fl_tasks.lineage import is_better  # the rule itself (the tools env is the dev venv)
+
     champion, best = None, math.nan
     for version in sorted(versions, key=lambda v: int(tags_of(v)["round"])):
         raw = tags_of(version).get("promotion_value")
         if raw is None:  # registered late, never evaluated: never champion
             continue
-        value = float(raw)
-        better = not math.isnan(value) and (math.isnan(best) or (value > best if direction == "maximize"
-                                                                   else value < best))
-        if champion is None or better:
-            champion, best = str(version["version"]), value
+        if champion is None or is_better(float(raw), best, direction):
+            champion, best = str(version["version"]), float(raw)
     return champion
 
 

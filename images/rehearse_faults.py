@@ -56,6 +56,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rehearse
@@ -257,7 +258,8 @@ class FaultDeployment(rehearse.Deployment):
             hits = [ti for ti in self.tasks(run, task_id) if ti["state"] in states]
             return (run, hits) if hits else None
 
-        return self.wait(f"{task_id} {'/'.join(states)} (HEAD >= {head_at_least})", ready, interval=interval)
+        found = self.wait(f"{task_id} {'/'.join(states)} (HEAD >= {head_at_least})", ready, interval=interval)
+        return cast(tuple[dict, list[dict]], found)
 
     def wait_run_done(self, run: dict) -> str:
         return str(self.wait(f"DAG run {run['dag_run_id']} to finish",
@@ -289,7 +291,7 @@ def label(ti: dict) -> str:
 # -- the faults -------------------------------------------------------------------------------------
 def kill_scheduler(d: FaultDeployment) -> str:
     """Fault 1: SIGKILL the scheduler's process tree while round 1 trains; restart; the round goes on."""
-    run, hits = d.wait_task("train", ("running",), 0)
+    run, hits = d.wait_task("train", ("running",), 0, interval=0.3)
     started = time.monotonic()
     scheduler = d.service("airflow-scheduler")
     assert scheduler.proc is not None
@@ -309,7 +311,7 @@ def kill_scheduler(d: FaultDeployment) -> str:
 
 def stop_s3(d: FaultDeployment, rounds: int) -> str:
     """Fault 2: the S3 endpoint unreachable for 30 s while round 2 trains; a failed run is redone."""
-    run, hits = d.wait_task("train", ("running",), 1)
+    run, hits = d.wait_task("train", ("running",), 1, interval=0.3)
     proxy = d.service("s3")
     d.stopped.add(proxy.name)
     proxy.signal_group(signal.SIGKILL)

@@ -5,7 +5,7 @@ What a Kubernetes deployment runs, stood in for piece by piece:
 - the two images' Python environments, built by ``images/install_env.py`` exactly as the Dockerfiles
   build them (``airfed[airflow]`` and ``airfed[steps]`` under ``constraints.txt``), each in its own
   virtualenv under ``.rehearse/`` (reused while ``pyproject.toml``, ``constraints.txt`` and the install
-  script are unchanged; airfed itself is reinstalled from the sources on every run);
+  script are unchanged; airfed itself is reinstalled whenever its sources changed);
 - MinIO: moto's S3 server on 127.0.0.1, holding the store and MLflow's artifacts;
 - the MLflow deployment: ``mlflow server`` (SQLite backend, artifacts proxied to S3), from the tools
   environment running this script (the dev venv: the fl-task image carries only the MLflow client);
@@ -140,7 +140,8 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def build_env(side: str, cache: Path = CACHE) -> Env:
-    """The side's env: built once per inputs hash with ``install_env.py install``; airfed reinstalled each time."""
+    """The side's env: built once per inputs hash with ``install_env.py install``; airfed reinstalled when its
+    sources changed (``sources_hash``)."""
     if sys.version_info[:2] != (3, 11):
         raise SystemExit(f"rehearse: needs Python 3.11 (the images' interpreter), not {sys.version.split()[0]}")
     env = Env(side, cache / f"{side}-{inputs_hash(side)}")

@@ -59,18 +59,21 @@ def model_name_of(store: Store, keys: JobKeys, r: int) -> str:
 
 
 def missing_rounds(store: Store, keys: JobKeys, upto: int | None = None) -> list[int]:
-    """Committed rounds (up to ``upto``) that have no registry version, in round order."""
+    """Committed rounds (up to ``upto``) that have no registry version, or whose register was cut short
+    after creating it (no ``registry.json``: the champion rule was not applied to it either), in round
+    order. Registering them again reuses such a version."""
     committed = committed_rounds(store, keys, upto)
     if not committed:
         return []
     model_name = model_name_of(store, keys, max(committed))
     have = versions_by_round(model_name, keys.job)
-    return [r for r in sorted(committed) if r not in have]
+    return [r for r in sorted(committed) if r not in have or not store.exists(keys.registry(r))]
 
 
 def backfill(store: Store, keys: JobKeys, upto: int | None = None,
              log: Callable[[str], None] = print) -> list[int]:
-    """Register every committed round up to ``upto`` that has no registry version; return them."""
+    """Register every committed round up to ``upto`` that has no registry version (or whose register
+    was cut short after creating it, see :func:`missing_rounds`); return them."""
     from fl_tasks.records import Plan
     from fl_tasks.steps import register
     from fl_tasks.steps.common import StepArgs, StepEnv
@@ -78,7 +81,8 @@ def backfill(store: Store, keys: JobKeys, upto: int | None = None,
     done = []
     for r in missing_rounds(store, keys, upto):
         plan = store.get_record(keys.plan(r), Plan)
-        log(f"round {r}: committed by run {plan.dag_run_id} but not in the registry; registering it now")
+        log(f"round {r}: committed by run {plan.dag_run_id} but its registration is missing or unfinished; "
+            "registering it now")
         env = StepEnv(StepArgs("register", keys.job, r, plan.dag_run_id), store=store)
         register.run(env, late=True)
         done.append(r)

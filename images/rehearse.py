@@ -5,7 +5,7 @@ What a Kubernetes deployment runs, stood in for piece by piece:
 - the two images' Python environments, built by ``images/install_env.py`` exactly as the Dockerfiles
   build them (``airfed[airflow]`` and ``airfed[steps]`` under ``constraints.txt``), each in its own
   virtualenv under ``.rehearse/`` (reused while ``pyproject.toml``, ``constraints.txt`` and the install
-  script are unchanged; airfed itself is reinstalled from the sources on every run);
+  script are unchanged; airfed itself is reinstalled whenever its sources changed);
 - MinIO: moto's S3 server on 127.0.0.1, holding the store and MLflow's artifacts;
 - the MLflow deployment: ``mlflow server`` (SQLite backend, artifacts proxied to S3), from the tools
   environment running this script (the dev venv: the fl-task image carries only the MLflow client);
@@ -111,6 +111,22 @@ def inputs_hash(side: str, project: Path = REPO) -> str:
     return digest.hexdigest()[:12]
 
 
+#: What ``install_env.py --project-only`` installs of airfed (pyproject's package dirs) and its metadata.
+PROJECT_SOURCES = ("pyproject.toml", "plugins/airfed", "fl_tasks", "examples")
+
+
+def sources_hash(project: Path = REPO) -> str:
+    """The airfed sources an environment holds: while unchanged, a reused environment is not reinstalled
+    (a second rehearsal in one test session, e.g. the fault mode's, costs no install)."""
+    digest = hashlib.sha256()
+    for top in PROJECT_SOURCES:
+        root = project / top
+        for path in sorted([root] if root.is_file() else root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(project)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock, so a test run and a ``make rehearse`` never build the same env at once."""
@@ -124,7 +140,8 @@ def locked(path: Path) -> Iterator[None]:
 
 
 def build_env(side: str, cache: Path = CACHE) -> Env:
-    """The side's env: built once per inputs hash with ``install_env.py install``; airfed reinstalled each time."""
+    """The side's env: built once per inputs hash with ``install_env.py install``; airfed reinstalled when its
+    sources changed (``sources_hash``)."""
     if sys.version_info[:2] != (3, 11):
         raise SystemExit(f"rehearse: needs Python 3.11 (the images' interpreter), not {sys.version.split()[0]}")
     env = Env(side, cache / f"{side}-{inputs_hash(side)}")
@@ -132,17 +149,21 @@ def build_env(side: str, cache: Path = CACHE) -> Env:
     started = time.monotonic()
     with locked(cache / f"{side}.lock"):
         env.cached = (env.root / ".complete").exists()
+        sources, installed = sources_hash(), env.root / ".sources"
         script = [sys.executable, install_env.__file__, "install", side]
         if env.cached:
             argv = [*script, "--python", env.python, "--project-only"]
         else:
             shutil.rmtree(env.root, ignore_errors=True)
             argv = [*script, "--venv", str(env.root)]
-        with open(log, "w") as out:
-            proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=clean_env())
-        if proc.returncode != 0:
-            raise RehearsalFailed(f"building the {side} environment failed (exit {proc.returncode}); "
-                                  f"last lines of {log}:\n{tail(log, 30)}")
+        if not (env.cached and installed.exists() and installed.read_text() == sources):
+            installed.unlink(missing_ok=True)  # an install cut short must not look complete
+            with open(log, "w") as out:
+                proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=clean_env())
+            if proc.returncode != 0:
+                raise RehearsalFailed(f"building the {side} environment failed (exit {proc.returncode}); "
+                                      f"last lines of {log}:\n{tail(log, 30)}")
+            installed.write_text(sources)
         (env.root / ".complete").touch()
         for stale in cache.glob(f"{side}-*"):  # older inputs: never used again
             if stale.is_dir() and stale != env.root:
@@ -325,14 +346,15 @@ def get_json(url: str, token: str | None = None) -> dict:
     return json.loads(body)
 
 
-def wait_for(what: str, ready: Callable[[], bool], services: list[Service], timeout: float) -> None:
+def wait_for(what: str, ready: Callable[[], bool], services: list[Service], timeout: float,
+             interval: float = 1.0) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         for service in services:
             check(service.alive(), lambda s=service: f"{s.name} exited (code {s.proc.returncode}) while waiting "
                                                      f"for {what}; last lines of {s.log}:\n{tail(s.log, 40)}")
         check(time.monotonic() < deadline, f"{what} not ready within {timeout:.0f}s")
-        time.sleep(1)
+        time.sleep(interval)
 
 
 # -- S3 (moto) --------------------------------------------------------------------------------------
@@ -447,7 +469,8 @@ class Deployment:
 
     def tools_env(self) -> dict[str, str]:
         bindir = str(Path(self.tools_python).parent)
-        env = clean_env(**self.s3_env(), MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint, PYTHONUNBUFFERED="1")
+        s3_env = self.s3_env()
+        env = clean_env(**s3_env, MLFLOW_S3_ENDPOINT_URL=s3_env["AWS_ENDPOINT_URL"], PYTHONUNBUFFERED="1")
         env.update({MARKER_ENV: self.marker, "PATH": os.pathsep.join([bindir, env["PATH"]])})
         return env
 
@@ -536,18 +559,22 @@ class Deployment:
         say("smoke ok: " + "; ".join(done))
         return done
 
-    def up(self) -> None:
-        tools = self.tools_env()
-        self.start("s3", [self.tools_python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)], tools)
+    def start_s3(self) -> None:
+        """moto's S3 server on ``s3_port`` with the store's and MLflow's buckets."""
+        self.start("s3", [self.tools_python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                   self.tools_env())
         wait_for("the S3 server", lambda: http("GET", f"{self.s3.endpoint}/")[0] == 200, self.services, 120)
         self.s3.create_bucket(STORE_BUCKET)
         self.s3.create_bucket(MLFLOW_BUCKET)
+
+    def up(self) -> None:
+        self.start_s3()
         self.start("mlflow", [
             self.tools_python, "-m", "mlflow", "server",
             "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
             "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "1",
-        ], tools)
+        ], self.tools_env())
         # the fl-task image bakes the example's silo data; here the step env creates it under AIRFED_HOME
         self.run("example-data", [sys.executable, install_env.__file__, "example-data", str(self.dags / SPEC.name),
                                   "--python", self.envs["steps"].python],
@@ -738,12 +765,17 @@ class Deployment:
         summary["links"] = links
 
         # The committed history recomputes from S3 (the step environment: numpy, safetensors)
-        out = self.run("airfed-verify", [str(self.envs["steps"].bin / "airfed"), "verify",
-                                         str(self.dags / SPEC.name), "--all"],
-                       clean_env(AIRFED_HOME=str(self.home), AIRFED_STORE_URL=self.store_url, **self.s3_env()))
-        summary["verify"] = out.strip().splitlines()[-1] if out.strip() else ""
-
+        summary["verify"] = self.verify_in_steps("--all")
         return summary
+
+    def verify_in_steps(self, *options: str) -> str:
+        """``airfed verify SPEC <options>`` in the step environment against the deployment's S3 and MLflow
+        server (as a one-shot pod would run it); its last line. Fails the rehearsal on a non-zero exit."""
+        out = self.run(f"airfed-verify{'-'.join(o.strip('-') for o in ('', *options))}",
+                       [str(self.envs["steps"].bin / "airfed"), "verify", str(self.dags / SPEC.name), *options],
+                       clean_env(AIRFED_HOME=str(self.home), AIRFED_STORE_URL=self.store_url,
+                                 MLFLOW_TRACKING_URI=self.mlflow, **self.s3_env()))
+        return out.strip().splitlines()[-1] if out.strip() else ""
 
     def resolve_link(self, name: str, url: str) -> set[tuple[str, str]]:
         """Check one extra link against its server's REST API; the (model, version) it names.
@@ -821,16 +853,21 @@ def rehearse(envs: dict[str, Env], home: Path, rounds: int = 2, tools_python: st
         summary["run_seconds"] = round(time.monotonic() - phase)
         summary.update(deployment.verify(rounds, runs))
     finally:
-        killed = stop_all(deployment.services, deployment.marker)
-        if killed:
-            say(f"killed what did not stop on SIGTERM: {killed}")
-        stopped = stop_warm_servers(deployment.warm_dir)
-        if stopped:
-            say(f"stopped the warm step server(s) of the steps env: {stopped}")
-        left = marked_processes(deployment.marker)
-        check(not left, f"processes left running: {left}")
+        teardown(deployment)
     summary["seconds"] = round(time.monotonic() - started)
     return summary
+
+
+def teardown(deployment: Deployment) -> None:
+    """Stop everything the deployment started (servers, steps, warm step servers); fail if any is left."""
+    killed = stop_all(deployment.services, deployment.marker)
+    if killed:
+        say(f"killed what did not stop on SIGTERM: {killed}")
+    stopped = stop_warm_servers(deployment.warm_dir)
+    if stopped:
+        say(f"stopped the warm step server(s) of the steps env: {stopped}")
+    left = marked_processes(deployment.marker)
+    check(not left, f"processes left running: {left}")
 
 
 def summary_line(summary: dict, envs: dict[str, Env]) -> str:

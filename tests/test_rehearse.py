@@ -70,6 +70,22 @@ def test_environments_are_reused_while_their_inputs_are_unchanged(envs, tmp_path
     assert rehearse.inputs_hash("steps", project) != rehearse.inputs_hash("steps")
 
 
+def test_airfed_is_reinstalled_only_when_its_sources_change(tmp_path):
+    """What lets tests/test_rehearse_faults.py reuse these environments without a second install."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in rehearse.PROJECT_SOURCES:
+        copy = shutil.copy if (REPO / name).is_file() else shutil.copytree
+        copy(REPO / name, project / name)
+    before = rehearse.sources_hash(project)
+    (project / "fl_tasks" / "__pycache__").mkdir(exist_ok=True)
+    (project / "fl_tasks" / "__pycache__" / "x.pyc").write_bytes(b"compiled")
+    assert rehearse.sources_hash(project) == before
+    with open(project / "fl_tasks" / "commit.py", "a") as fh:
+        fh.write("# changed\n")
+    assert rehearse.sources_hash(project) != before
+
+
 def test_each_environment_smoke_tests(deployment):
     """Every ``python -m fl_tasks <step> --help`` in the step env; the plugin entry points, the DAG loader
     (a DagBag of the staged dags/) and ``airfed render --runner kubernetes`` in the Airflow env."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fl_tasks import lineage, registry_sync, report
+from fl_tasks import commit, lineage, registry_sync, report
 from fl_tasks.paths import redact_uri
 from fl_tasks.records import Evaluation, Head, Manifest, Plan, RegistrySummary, Result, Verdict
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
@@ -57,6 +57,13 @@ def record_uncommitted(env: StepEnv, plan: Plan, result: Result | None) -> None:
     """A round that did not commit still gets an MLflow round run (status FAILED) saying why."""
     r, job = env.round, env.args.job
     reason = (result.reason if result else None) or "aggregate did not commit this round (see its task log)"
+    if result is None and plan.dag_run_id == env.args.run_id:
+        # aggregate failed for good before writing anything (e.g. the store was unreachable): give the
+        # round up, so the next run takes the claim over instead of waiting out its lease
+        commit.record_uncommitted(env.store, env.keys, Result(
+            job=job, round=r, dag_run_id=plan.dag_run_id, committed=False,
+            reason=f"{reason}; run {plan.dag_run_id} gave the round up", input_global=plan.input_global,
+        ))
     with lineage.reporting_failures(f"recording uncommitted round {r} of {job}"):
         _record_uncommitted(env, plan, result, reason)
     raise RoundNotCommitted(f"round {r} was not committed: {reason}")

@@ -30,6 +30,7 @@ def clip_factor(update_norm: float, clipping_norm: float) -> float:
 def clip_state(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
                clipping_norm: float) -> tuple[dict[str, torch.Tensor], float]:
     """Client side: clip the update in memory; returns (clipped state, original update norm)."""
+    check_same_tensors(update, global_state)
     norm = float_update_norm(update, global_state)
     factor = clip_factor(norm, clipping_norm)
     clipped = {
@@ -38,6 +39,22 @@ def clip_state(update: Mapping[str, torch.Tensor], global_state: Mapping[str, to
         for k, v in update.items()
     }
     return clipped, norm
+
+
+def check_same_tensors(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> None:
+    """Clipping measures the update against the global tensor by tensor: a ClientApp that replied with
+    other tensor names or shapes gets an error naming them (not a KeyError, nor a broadcast that
+    silently changes a shape)."""
+    missing = sorted(set(global_state) - set(update))
+    unexpected = sorted(set(update) - set(global_state))
+    if missing or unexpected:
+        raise ValueError(
+            f"the update's tensors differ from the global model's: missing {missing}, unexpected {unexpected}"
+        )
+    reshaped = [f"{k} {tuple(update[k].shape)} (global {tuple(v.shape)})"
+                for k, v in global_state.items() if update[k].shape != v.shape]
+    if reshaped:
+        raise ValueError(f"the update's tensor shapes differ from the global model's: {', '.join(reshaped)}")
 
 
 def float_update_norm(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> float:

@@ -219,3 +219,17 @@ def test_unseeded_noise_differs_between_calls(tmp_path):
     add_gaussian_noise(a, 1.0)
     add_gaussian_noise(b, 1.0)
     assert not torch.equal(load_state_dict(a)["w"], load_state_dict(b)["w"])
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"w": torch.ones(3)}, r"missing \['b'\], unexpected \[\]"),
+        ({"w": torch.ones(3), "b": torch.ones(1), "extra": torch.ones(1)}, r"missing \[\], unexpected \['extra'\]"),
+        ({"w": torch.ones(1), "b": torch.ones(1)}, r"w \(1,\) \(global \(3,\)\)"),
+    ],
+)
+def test_clip_state_names_tensors_that_differ_from_the_global(update, message):
+    global_state = {"w": torch.zeros(3), "b": torch.zeros(1)}
+    with pytest.raises(ValueError, match=message):
+        clip_state(update, global_state, 1.0)

@@ -35,6 +35,7 @@ class StepArgs:
     silo: str | None = None
     chain_id: str | None = None
     training: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
 
 
 class StepEnv:

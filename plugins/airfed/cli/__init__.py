@@ -14,11 +14,11 @@ from airfed.spec import SpecError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from airfed.cli import offline, render, run, spec_commands, up
+    from airfed.cli import offline, promote, render, run, spec_commands, up
 
     parser = argparse.ArgumentParser(prog="airfed", description="Federated learning as Airflow DAGs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (run, spec_commands, render, up, offline):
+    for module in (run, spec_commands, render, up, offline, promote):
         module.add_commands(subparsers)
     return parser
 

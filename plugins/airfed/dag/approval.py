@@ -12,8 +12,9 @@ review apart, which a run scheduled on the model Asset would not (Airflow folds 
 arrive between two scheduler loops into one run).
 
 ``approve`` is the standard provider's ``HITLOperator``: it waits in ``awaiting_input`` without a
-worker slot, shows the candidate against the champion (from the register result the trigger hands
-over as the run's conf: the Airflow side has no MLflow), and takes the answer from the UI or the
+worker slot, shows the candidate against the champion (the register result the trigger hands over
+as the run's conf, and the current champion's records in the store: the Airflow side has no
+MLflow), and takes the answer from the UI or the
 REST API (``PATCH /api/v2/dags/<dag>/dagRuns/<run>/taskInstances/approve/-1/hitlDetails``). No
 answer within ``promotion.approval_timeout`` takes its default, Reject. ``promote`` is a StepCall run
 by the job's runner like every step: it moves `champion` or tags the version rejected.
@@ -75,7 +76,7 @@ def approval_body(candidate: dict[str, Any], direction: str, timeout: timedelta)
     lines = [
         f"### {model} v{version}: promote to `champion`?",
         "",
-        f"Promotion metric **{metric}** ({direction}). Champion when the round was registered: "
+        f"Promotion metric **{metric}** ({direction}). Current champion: "
         + (f"v{champion['version']}." if champion else "none."),
         "",
         f"| metric | {ours} | {theirs} |", "|---|---:|---:|",
@@ -106,6 +107,25 @@ def approval_body(candidate: dict[str, Any], direction: str, timeout: timedelta)
     return "\n".join(lines)
 
 
+def current_champion(job: str) -> dict[str, Any] | None:
+    """The champion now, from the store (``champion.json`` and its round's ``registry.json``, as the
+    jobs page reads them): an earlier candidate may have been approved since this one was registered.
+    None when the store names none (then the register result's snapshot is shown)."""
+    from fl_tasks.store import JobKeys, open_store
+
+    store, keys = open_store(), JobKeys(job)
+    holder = store.get_json_or_none(keys.champion)
+    if not holder:
+        return None
+    summary = {"version": holder["version"], "round": holder.get("round")}
+    record = store.get_json_or_none(keys.registry(int(holder["round"]))) if holder.get("round") else None
+    if record and record.get("registry_version") == holder["version"]:
+        keep = ("metrics", "silo_metrics", "accepted", "rejected", "promotion_value", "mlflow_run_id",
+                "mlflow_experiment_id")
+        summary.update({k: record[k] for k in keep if k in record})
+    return summary
+
+
 class CandidateApprovalOperator(HITLOperator):
     """Approve / Reject one candidate version; the answer is returned as plain JSON for ``promote``:
     ``{"approved", "by", "at", "reason", "timed_out"}``."""
@@ -128,6 +148,13 @@ class CandidateApprovalOperator(HITLOperator):
                              "approval runs are triggered by the job's request_approval task")
         self.subject = (f"Promote {candidate.get('registry_model')} v{candidate.get('registry_version')} "
                         f"(round {candidate['round']}) to champion?")
+        try:
+            now = current_champion(str(candidate.get("job")))
+        except Exception as exc:  # noqa: BLE001 - the snapshot taken at registration still informs the person
+            self.log.warning("could not read the current champion from the store: %s", exc)
+            now = None
+        if now is not None and now["version"] != candidate.get("registry_version"):
+            candidate = {**candidate, "champion": now}
         self.body = approval_body(candidate, self.direction, self.response_timeout or timedelta(0))
         return super().execute(context)
 

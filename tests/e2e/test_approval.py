@@ -29,7 +29,8 @@ def gated_spec(folder: Path) -> Path:
         "model": {"init": "examples.digits.model:initial_state"},
         "training": {"local-epochs": 1, "lr": 0.05, "batch-size": 32},
         "execution": {"retries": 0},
-        "promotion": {"metric": "accuracy", "approval": "required", "approval_timeout": 3600},
+        # nothing sweeps timeouts under dag.test(): only the last test calls the scheduler's sweep
+        "promotion": {"metric": "accuracy", "approval": "required", "approval_timeout": 2},
         "registry": {"model_name": "gated-mlp"},
         "data": {"prepare": "examples.digits.data:prepare", "options": {"partition": "iid", "seed": 3}},
         "silos": [{"name": s, "data": f"${{AIRFED_HOME}}/data/gated/{s}.npz"} for s in ("us", "eu")],
@@ -193,3 +194,43 @@ def test_promote_and_rollback_by_hand(job, monkeypatch, capsys):
     assert entry["champion_version"] == 1 and entry["awaiting_approval"] == []
     assert [a["version"] for a in entry["rejected_versions"]] == [2]
     assert REPO.is_dir()
+
+
+def test_no_answer_in_time_is_a_rejection_by_airflows_timeout_sweep(job):
+    """A third round's candidate nobody answers: the scheduler's awaiting_input timeout sweep applies
+    the task's default (Reject), and promote tags the version as timed out."""
+    import threading
+    import time
+
+    from airfed.cli.run import run_rounds
+    from airflow.jobs.job import Job
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+
+    home = job["home"]
+    rounds, run_ids, state = run_rounds(job["dags"]["gated"], job["spec"], job["store"], 1, None, sys.stdout)
+    assert state == "success" and rounds[0]["round"] == 3
+    conf = queued_approval_conf(job["store"].get_json("gated/rounds/3/approval.json")["approval_run_id"])
+    swept: dict = {}
+
+    def sweep_after_the_deadline() -> None:
+        try:
+            rest = AirflowRest("observer")
+            while not rest.pending_hitl("gated__approval"):
+                time.sleep(0.5)
+            time.sleep(3)  # past approval_timeout (2 s)
+            SchedulerJobRunner(job=Job()).check_awaiting_input_timeouts()
+            swept["done"] = True
+        except BaseException as exc:
+            swept["error"] = repr(exc)
+
+    thread = threading.Thread(target=sweep_after_the_deadline, daemon=True)
+    thread.start()
+    dag_run = job["dags"]["gated__approval"].test(run_conf=conf)
+    thread.join(timeout=60)
+    assert swept == {"done": True} and str(dag_run.state) == "success"
+    assert champion(home) == 1
+    v3 = mlflow_client(home).get_model_version("gated-mlp", "3")
+    assert (v3.tags["approval"], v3.tags["approval.timed_out"]) == ("rejected", "true")
+    assert v3.tags["approval.reason"] == "no answer within promotion.approval_timeout"
+    record = job["store"].get_json("gated/rounds/3/approval.json")
+    assert record["state"] == "rejected" and record["timed_out"] is True

@@ -156,6 +156,7 @@ class CandidateApprovalOperator(HITLOperator):
         if now is not None and now["version"] != candidate.get("registry_version"):
             candidate = {**candidate, "champion": now}
         self.body = approval_body(candidate, self.direction, self.response_timeout or timedelta(0))
+        self.params["reason"] = ""  # an empty form (execute_complete writes the last answer into it)
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +167,8 @@ class CandidateApprovalOperator(HITLOperator):
             "approved": answer["chosen_options"] == [APPROVE],
             "by": user.get("name") or user.get("id") or ("timeout" if event.get("timedout") else "unknown"),
             "at": at.isoformat() if hasattr(at, "isoformat") else at,
-            "reason": str((answer.get("params_input") or {}).get("reason") or ""),
+            # on a timeout Airflow fills the form with its defaults: nobody gave a reason
+            "reason": "" if event.get("timedout") else str((answer.get("params_input") or {}).get("reason") or ""),
             "timed_out": bool(event.get("timedout")),
         }
 

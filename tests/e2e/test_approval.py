@@ -174,7 +174,10 @@ def test_promote_and_rollback_by_hand(job, monkeypatch, capsys):
     assert champion(home) == 2
     assert main(["rollback", spec_path]) == 0
     assert champion(home) == 1
-    out = capsys.readouterr().out
+    assert main(["promote", spec_path, "--version", "9"]) == 1  # not a version of this job: refused
+    captured = capsys.readouterr()
+    assert "airfed promote: refused: gated-mlp has no version 9" in captured.err
+    out = captured.out
     assert "gated-mlp@champion: v1 -> v2 (promote by ops-on-call)" in out
     assert "gated-mlp@champion: v2 -> v1 (rollback by ops-on-call)" in out
     client = mlflow_client(home)

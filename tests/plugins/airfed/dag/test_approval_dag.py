@@ -45,7 +45,8 @@ def test_the_body_compares_the_candidate_with_the_champion(monkeypatch):
 
 def test_event_extra_from_register_and_from_promote():
     extra = event_extra(candidate(champion={"version": 2}))
-    assert (extra["round"], extra["version"], extra["champion_moved"], extra["awaiting_approval"]) == (4, 4, False, True)
+    facts = (extra["round"], extra["version"], extra["champion_moved"], extra["awaiting_approval"])
+    assert facts == (4, 4, False, True)
     assert extra["metrics"] == {"accuracy": 0.91, "loss": 0.3} and extra["global"]["sha256"] == "a" * 64
     assert "champion" not in extra and "silo_metrics" not in extra  # the event stays small
     promoted = event_extra({"job": "digits", "round": 4, "registry_version": 4, "champion_moved": True,

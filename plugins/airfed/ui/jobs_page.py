@@ -156,6 +156,8 @@ def _read_bounded(read: Callable[..., Any], *args: Any) -> Any:
 
 
 def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefix: str) -> dict[str, Any]:
+    from fl_tasks.store import JobKeys
+
     entry: dict[str, Any] = {
         "job": spec.job,
         "description": spec.description,
@@ -185,7 +187,7 @@ def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefi
     }
     try:
         entry["head_round"], entry["rounds"] = _read_bounded(_store_rounds, store, spec.job, last, ui, prefix)
-        entry["champion"] = _read_bounded(store.get_json_or_none, f"{spec.job}/champion.json")
+        entry["champion"] = _read_bounded(store.get_json_or_none, JobKeys(spec.job).champion)
     except StoreBusy as exc:
         entry["error"] = f"the store {store.url} {exc}"
     except concurrent.futures.TimeoutError:

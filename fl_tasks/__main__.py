@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from fl_tasks.contract import REGION_STEPS, ROUND_STEPS, SKIP_EXIT_CODE, TIMEOUT_ENV
+from fl_tasks.contract import REGION_STEPS, SKIP_EXIT_CODE, STEPS, TIMEOUT_ENV
 from fl_tasks.steps.common import NotSampled, StepArgs, StepEnv, log
 
 
@@ -37,7 +37,7 @@ def _arm_timeout() -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fl_tasks", description=__doc__)
-    parser.add_argument("step", choices=ROUND_STEPS + REGION_STEPS)
+    parser.add_argument("step", choices=STEPS)
     parser.add_argument("--job", required=True)
     parser.add_argument("--round", default=None, help="round number ('next' for distribute)")
     parser.add_argument("--run-id", default="manual", help="the Airflow DAG run id")
@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chain-id", default=None,
                         help="the first DAG run of this chain of rounds (distribute; default: --run-id)")
     parser.add_argument("--training", default=None, help="JSON object overriding the training config")
+    parser.add_argument("--decision", default=None, help="JSON object: a person's answer to a candidate (promote)")
     return parser
 
 
@@ -55,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     training = json.loads(ns.training) if ns.training else None
     if training is not None and not isinstance(training, dict):
         raise SystemExit(f"--training must be a JSON object, got {ns.training!r}")
-    args = StepArgs(ns.step, ns.job, round_number, ns.run_id, ns.silo, chain_id=ns.chain_id, training=training)
-    args.region = ns.region
+    decision = json.loads(ns.decision) if ns.decision else None
+    args = StepArgs(ns.step, ns.job, round_number, ns.run_id, ns.silo, chain_id=ns.chain_id, training=training,
+                    region=ns.region, decision=decision)
     if ns.step in ("train", "validate", "evaluate") and not ns.silo:
         raise SystemExit(f"step {ns.step} needs --silo")
     if ns.step in REGION_STEPS and not ns.region:

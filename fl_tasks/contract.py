@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # the spec's pydantic model; this module stays stdlib-only at
     from fl_tasks.spec import Placement
 
 #: Steps of one federated round, in order. Per-silo steps map over the job's silos.
-SERVER_STEPS = ("distribute", "aggregate", "register")
+SERVER_STEPS = ("distribute", "aggregate", "register", "promote")
 SILO_STEPS = ("train", "validate", "evaluate")
 ROUND_STEPS = ("distribute", "train", "validate", "aggregate", "evaluate", "register")
 #: Steps of the regional tier (jobs with ``regions``), each mapped over the regions and run in the
@@ -25,6 +25,10 @@ REGIONAL_ROUND_STEPS = (
     "distribute", "distribute_region", "train", "validate", "aggregate_region", "aggregate", "publish_region",
     "evaluate", "collect_region", "register",
 )
+#: Steps of a job's approval DAG (``promotion.approval: required``), after a person answered.
+APPROVAL_STEPS = ("promote",)
+#: Every step ``python -m fl_tasks`` runs.
+STEPS = ROUND_STEPS + REGION_STEPS + APPROVAL_STEPS
 
 #: Exit code of a step that has nothing to do (a silo not sampled this round): both runners mark
 #: the task skipped (``skip_on_exit_code`` on Kubernetes) instead of failed.
@@ -72,11 +76,22 @@ def step_argv(
     region: str | None = None,
 ) -> list[str]:
     """The argv of a step. ``round_ref`` and ``run_id`` may be Jinja templates Airflow resolves at run time."""
-    if step not in ROUND_STEPS + REGION_STEPS:
-        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS + REGION_STEPS)}")
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
     argv = ["python", "-m", "fl_tasks", step, "--job", job, "--round", round_ref, "--run-id", run_id]
     if silo is not None:
         argv += ["--silo", silo]
     if region is not None:
         argv += ["--region", region]
     return argv
+
+
+def approval_dag_id(job: str) -> str:
+    """The DAG where a person approves a job's candidate versions (``promotion.approval: required``)."""
+    return f"{job}__approval"
+
+
+def approval_run_id(r: int, dag_run_id: str) -> str:
+    """The approval DAG run of round ``r``'s candidate: named by the round's run, so the jobs page
+    links to it and a retried trigger finds it."""
+    return f"round_{r}__{dag_run_id}"

@@ -10,6 +10,8 @@ One model per record of the store layout (:mod:`fl_tasks.store.base`)::
     rounds/<r>/result.json           Result          (aggregate)
     rounds/<r>/evaluation/<silo>.json      Evaluation  (evaluate)
     rounds/<r>/registry.json         RegistrySummary (register)
+    rounds/<r>/approval.json         ApprovalRecord  (register, promote: approval required)
+    champion.json                    ChampionRecord  (who holds `champion`: register, promote, CLI)
     lost/<dag_run_id>.json           LostRound       (distribute/aggregate of a run that lost a round)
     rounds/<r>/regions/<region>.json RegionPartial   (aggregate_region, jobs with regions)
 
@@ -389,12 +391,52 @@ class RegistrySummary(Record):
     registry_version: int
     champion_version: int | None = Field(None, description="None: no champion yet")
     promoted: bool
+    awaiting_approval: bool = Field(False, description="An improving version held for a person's approval")
+    silo_metrics: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Each silo's federated evaluation metrics of this round's global"
+    )
     mlflow_experiment_id: str
     mlflow_run_id: str
     mlflow_parent_run_id: str
     tracking_uri: str
     started_at: float
     finished_at: float
+
+
+class ApprovalRecord(Record):
+    """``rounds/<r>/approval.json``: a candidate version awaiting a person, and their answer.
+
+    ``pending`` is written by register; ``approved`` / ``rejected`` by the approval DAG's promote
+    step (a rejection ``timed_out`` when nobody answered within ``promotion.approval_timeout``)."""
+
+    job: str
+    round: int
+    version: int
+    dag_run_id: str
+    state: Literal["pending", "approved", "rejected"]
+    approval_dag_id: str
+    approval_run_id: str
+    requested_at: float
+    by: str | None = None
+    at: float | None = None
+    reason: str = ""
+    timed_out: bool = False
+
+
+class ChampionRecord(Record):
+    """``champion.json``: the version holding `champion` and the last move (mirrors the MLflow alias
+    for readers without MLflow, such as the jobs page). ``action``: ``improved`` (register, no
+    approval needed), ``approved``, ``promote`` or ``rollback`` (``airfed promote`` / ``rollback``)."""
+
+    job: str
+    model_name: str
+    version: int
+    round: int | None = None
+    previous_version: int | None = None
+    action: Literal["improved", "approved", "promote", "rollback"]
+    by: str
+    at: float
+    reason: str = ""
 
 
 class LostRound(Record):

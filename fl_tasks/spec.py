@@ -289,9 +289,23 @@ class DifferentialPrivacy(Strict):
     clipping_norm: float = Field(gt=0)
 
 
+#: How long a candidate waits for a person by default (``promotion.approval_timeout``): a week.
+DEFAULT_APPROVAL_TIMEOUT_SECONDS = 7 * 24 * 3600
+
+
 class Promotion(Strict):
     metric: str = Field("accuracy", description="Federated evaluation metric that decides `champion`.")
     direction: Literal["maximize", "minimize"] = "maximize"
+    approval: Literal["none", "required"] = Field(
+        "none",
+        description="'none': `champion` moves when the metric improves. 'required': an improving version is a "
+        "candidate that moves `champion` only once a person approves it in Airflow (the job's "
+        "'<job>__approval' DAG); training rounds never wait on it.",
+    )
+    approval_timeout: int = Field(
+        DEFAULT_APPROVAL_TIMEOUT_SECONDS, ge=1,
+        description="Seconds a candidate waits for an answer; no answer in time counts as a rejection.",
+    )
 
 
 class Registry(Strict):

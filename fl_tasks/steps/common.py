@@ -36,6 +36,7 @@ class StepArgs:
     chain_id: str | None = None
     training: dict[str, Any] | None = None
     region: str | None = None
+    decision: dict[str, Any] | None = None
 
 
 class StepEnv:

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
 from fl_tasks import commit, lineage, registry_sync, report
+from fl_tasks import promotion as promotion_history
+from fl_tasks.contract import approval_dag_id, approval_run_id
 from fl_tasks.paths import redact_uri
-from fl_tasks.records import Evaluation, Head, Manifest, Plan, RegistrySummary, Result, Verdict
+from fl_tasks.records import ApprovalRecord, Evaluation, Head, Manifest, Plan, RegistrySummary, Result, Verdict
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
 
 
@@ -87,6 +92,41 @@ def _record_uncommitted(env: StepEnv, plan: Plan, result: Result | None, reason:
     lineage.log_round(c, run.info.run_id, metrics, {"round": r, "spec_hash": plan.spec_hash}, tags, step=r)
     c.set_terminated(run.info.run_id, "FAILED")
     c.set_terminated(parent.info.run_id, "FAILED")
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k != "num-examples" and not isinstance(v, bool)}
+
+
+def _hold_for_approval(env: StepEnv, plan: Plan, c: MlflowClient, model_name: str, version: int) -> bool:
+    """An improving version under ``promotion.approval: required``: tagged and recorded as pending
+    (once: a re-run of register keeps a decision already taken). True while it awaits a person."""
+    r = env.round
+    answered = env.store.get_record_or_none(env.keys.approval(r), ApprovalRecord)
+    if answered is not None and answered.version == version:
+        return answered.state == "pending"
+    promotion_history.request_approval(c, env.store, ApprovalRecord(
+        job=plan.job, round=r, version=version, dag_run_id=plan.dag_run_id, state="pending",
+        approval_dag_id=approval_dag_id(plan.job), approval_run_id=approval_run_id(r, plan.dag_run_id),
+        requested_at=now(),
+    ), model_name)
+    log(f"round {r}: v{version} improves on the champion; it awaits approval in {approval_dag_id(plan.job)}")
+    return True
+
+
+def _champion_summary(env: StepEnv, current: ModelVersion | None, version: int) -> dict | None:
+    """What the champion (before this round) scored, from its round's record: the approval task's
+    comparison. None when there is no other champion."""
+    if current is None or int(current.version) == version:
+        return None
+    r = current.tags.get("round")
+    record = env.store.get_record_or_none(env.keys.registry(int(r)), RegistrySummary) if r and r.isdigit() else None
+    base = {"version": int(current.version), "round": int(r) if r and r.isdigit() else None}
+    if record is None:
+        return base
+    return {**base, **record.model_dump(mode="json", include={
+        "metrics", "silo_metrics", "accepted", "rejected", "promotion_value", "mlflow_run_id", "mlflow_experiment_id",
+    })}
 
 
 def run(env: StepEnv, late: bool = False) -> None:
@@ -197,8 +237,16 @@ def run(env: StepEnv, late: bool = False) -> None:
         promoted = value is not None and (current is None or current.version == version.version or lineage.is_better(
             value, current_value, promotion.direction
         ))
-        if promoted:
+        moves = current is None or current.version != version.version
+        awaiting = False
+        if promoted and moves and promotion.approval == "required":  # a candidate: a person decides
+            promoted = False
+            awaiting = _hold_for_approval(env, plan, c, model_name, int(version.version))
+        elif promoted:
             c.set_registered_model_alias(model_name, lineage.CHAMPION, version.version)
+            if moves:
+                promotion_history.note_improvement(c, env.store, job, model_name, version,
+                                                   int(current.version) if current else None)
         champion_version = int(version.version) if promoted else (int(current.version) if current else None)
         c.set_terminated(run_id, "FINISHED")
         c.set_terminated(parent.info.run_id, "FINISHED")
@@ -217,6 +265,8 @@ def run(env: StepEnv, late: bool = False) -> None:
         registry_version=int(version.version),
         champion_version=champion_version,
         promoted=promoted and (current is None or current.version != version.version),
+        awaiting_approval=awaiting,
+        silo_metrics={ev.silo: _numbers(ev.metrics) for ev in evaluations},
         mlflow_experiment_id=exp_id,
         mlflow_run_id=run_id,
         mlflow_parent_run_id=parent.info.run_id,
@@ -230,4 +280,6 @@ def run(env: StepEnv, late: bool = False) -> None:
         f"round {r}: registered {model_name} v{version.version} ({promotion.metric}="
         f"{'not evaluated' if value is None else format(value, '.4f')}); champion is v{champion_version}"
     )
-    write_result(summary.model_dump(mode="json", exclude={"schema_version"}))
+    write_result({**summary.model_dump(mode="json", exclude={"schema_version"}),
+                  "champion": _champion_summary(env, current, int(version.version)),
+                  "global": new_global.model_dump()})

@@ -121,6 +121,15 @@ class JobKeys:
     def registry(self, r: int) -> str:
         return f"{self.round_dir(r)}/registry.json"
 
+    def approval(self, r: int) -> str:
+        """The approval of round ``r``'s candidate version (``promotion.approval: required``)."""
+        return f"{self.round_dir(r)}/approval.json"
+
+    @property
+    def champion(self) -> str:
+        """Who holds `champion` and how it got there (register, approval, ``airfed promote``/``rollback``)."""
+        return f"{self.job}/champion.json"
+
     def lost(self, dag_run_id: str) -> str:
         """Why a DAG run stopped on a round another run holds (:mod:`fl_tasks.commit`)."""
         return f"{self.job}/lost/{dag_run_id.replace('/', '_')}.json"

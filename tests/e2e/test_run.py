@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLE_SPEC, REPO, airfed_cli, airflow_runs, json_summary
+from helpers import EXAMPLE_SPEC, REPO, airfed_cli, airflow_runs, clean_env, json_summary
 
 
 def airfed_run(home: Path, *args: str) -> tuple[dict, str]:
@@ -129,23 +131,49 @@ def test_mlflow_lineage_and_registry(runs):
     assert champion.version == best.version
 
 
-def test_asset_consumer_dag_predicts_with_the_champion(runs, airflow_db, monkeypatch):
-    """The example DAG scheduled on the job's model Asset runs (dag.test) against the champion."""
-    from airflow.dag_processing.dagbag import DagBag
+CONSUMER_RUN = """
+import json, sys
+from pathlib import Path
+from airfed.environment import configure
+configure(dags_folder=Path("dags"))
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder="dags")
+digits, consumer = bag.dags["digits"], bag.dags["digits_batch_predict"]
+(outlet,) = digits.get_task("model_event").outlets
+assert outlet in consumer.timetable.asset_condition.objects, "not scheduled on the job's model Asset"
+run = consumer.test()
+print("RESULT " + json.dumps({"state": str(run.state),
+                              "tasks": {ti.task_id: str(ti.state) for ti in run.get_task_instances()}}))
+"""
 
-    home, *_ = runs
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-    monkeypatch.setenv("AIRFED_HOME", str(home))
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    digits = bag.dags["digits"]
-    consumer = bag.dags["digits_batch_predict"]
-    (outlet,) = digits.get_task("register").outlets
-    assert outlet.uri == "airfed://digits/digits-mlp"
-    assert outlet in consumer.timetable.asset_condition.objects  # scheduled on exactly that Asset
-    dag_run = consumer.test()
-    assert str(dag_run.state) == "success"
-    predictions = sorted((home / "predictions" / "digits-mlp").glob("v*.csv"))
-    assert predictions and len(predictions[0].read_text().splitlines()) == 1798
+
+def test_asset_consumer_dag_reads_the_event_and_predicts_only_when_the_champion_moved(runs):
+    """The example DAG scheduled on the job's model Asset, run (dag.test) against the runs' own Airflow
+    DB: its newest model event says whether the champion moved and which global to score with."""
+    import sqlite3
+
+    home, _first, _, second, _ = runs
+    db = sqlite3.connect(home / "airflow" / "airflow.db")
+    try:
+        (extra,) = db.execute("SELECT e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+                              "WHERE a.name = 'airfed.digits.model' ORDER BY e.id DESC LIMIT 1").fetchone()
+    finally:
+        db.close()
+    event = json.loads(extra)
+    record = json.loads((home / "store" / "digits" / "rounds" / "7" / "registry.json").read_text())
+    assert (event["round"], event["version"], event["champion_moved"]) == (7, 7, record["promoted"])
+    assert event["metrics"] == record["metrics"] and event["champion_version"] == second["champion_version"]
+    proc = subprocess.run([sys.executable, "-c", CONSUMER_RUN], capture_output=True, text=True, cwd=REPO,
+                          env=clean_env(home), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    predictions = home / "predictions" / "digits-mlp" / "v7.csv"
+    if event["champion_moved"]:
+        assert result["tasks"] == {"champion_moved": "success", "predict": "success"}
+        assert len(predictions.read_text().splitlines()) == 1798  # scored with v7's weights from the store
+    else:
+        assert result["tasks"] == {"champion_moved": "success", "predict": "skipped"}
+        assert not predictions.exists()
 
 
 def test_convergence_plot_written_next_to_summary(runs):

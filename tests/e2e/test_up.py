@@ -237,7 +237,8 @@ def test_rest_triggered_rounds_chain_two_runs_and_register_both(up, token, trigg
         for ti in tis["task_instances"]:
             states.setdefault(ti["task_id"], set()).add(ti["state"])
         assert states.pop("next_round") == {last}, tis
-        assert sorted(states) == ["aggregate", "distribute", "evaluate", "register", "train", "validate"]
+        assert sorted(states) == ["aggregate", "distribute", "evaluate", "model_event", "register", "train",
+                                  "validate"]
         assert all(s == {"success"} for s in states.values()), states
 
     registry = up.home / "store" / "digits" / "rounds"

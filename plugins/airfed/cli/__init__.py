@@ -14,11 +14,11 @@ from airfed.spec import SpecError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from airfed.cli import offline, policies, render, run, spec_commands, up
+    from airfed.cli import offline, policies, promote, render, run, spec_commands, up
 
     parser = argparse.ArgumentParser(prog="airfed", description="Federated learning as Airflow DAGs.")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in (run, spec_commands, render, up, offline, policies):
+    for module in (run, spec_commands, render, up, offline, policies, promote):
         module.add_commands(subparsers)
     return parser
 

@@ -1,7 +1,8 @@
 """Build the Airflow DAG of a job spec: one DAG run is one federated round.
 
     distribute → train (mapped over silos) → validate (mapped) → aggregate → evaluate (mapped)
-    → register → next_round
+    → register → model_event → next_round (and, beside it, request_approval when
+    ``promotion.approval: required``; see ``airfed.dag.approval``)
 
 A run asking for more rounds (the ``rounds`` param) chains them: ``next_round`` triggers the next
 run of the same DAG with ``rounds - 1`` once this round committed, and ``max_active_runs=1`` queues
@@ -19,9 +20,10 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, chain
 
+from airfed.dag.model_event import ModelEventOperator
 from airfed.dag.next_round import NextRoundOperator
 from airfed.dag.step_calls import RoundRefs, round_calls
-from fl_tasks.contract import REGION_STEPS, REGIONAL_ROUND_STEPS, ROUND_STEPS, SILO_STEPS
+from fl_tasks.contract import REGIONAL_ROUND_STEPS, ROUND_STEPS, SILO_STEPS, STEPS
 from fl_tasks.spec import JobSpec
 
 START_DATE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -37,12 +39,14 @@ ALL_DONE_STEPS = ("validate", "aggregate", "register", "aggregate_region", "coll
 #: mapped upstream with one failed instance would; the down region's silos fail on their own.
 REGIONAL_ALL_DONE_STEPS = ("train", "evaluate")
 NEXT_ROUND_TASK_ID = "next_round"
+#: After register: the model Asset event, its extra read from register's result (airfed.dag.model_event).
+MODEL_EVENT_TASK_ID = "model_event"
 
 
 def task_id(step: str) -> str:
-    """The task id of a round step (its name: one DAG run is one round)."""
-    if step not in ROUND_STEPS + REGION_STEPS:
-        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(ROUND_STEPS + REGION_STEPS)}")
+    """The task id of a step (its name: one DAG run is one round; ``promote`` is the approval DAG's)."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; expected one of {', '.join(STEPS)}")
     return step
 
 
@@ -87,8 +91,6 @@ def task_options(spec: JobSpec, step: str) -> dict[str, Any]:
     }
     if step in ALL_DONE_STEPS or (spec.regions and step in REGIONAL_ALL_DONE_STEPS):
         options["trigger_rule"] = "all_done"
-    if step == "register":  # succeeds only for a committed round: one Asset event per new global
-        options["outlets"] = [model_asset(spec)]
     return options
 
 
@@ -139,5 +141,12 @@ def build_dag(spec: JobSpec, spec_path: str | Path) -> DAG:
         default_args={"owner": "airfed"},
     ) as dag:
         steps = [make_task(step, calls[step], task_options(spec, step)) for step in round_steps(spec)]
-        chain(*steps, NextRoundOperator(task_id=NEXT_ROUND_TASK_ID, trigger_dag_id=spec.job))
+        # register succeeds only for a committed round: one model Asset event per new global
+        event = ModelEventOperator(task_id=MODEL_EVENT_TASK_ID, asset=model_asset(spec), source_task_id="register")
+        next_round = NextRoundOperator(task_id=NEXT_ROUND_TASK_ID, trigger_dag_id=spec.job)
+        chain(*steps, event, next_round)
+        if spec.promotion.approval == "required":  # beside next_round: rounds never wait on a person
+            from airfed.dag.approval import request_approval_task
+
+            event >> request_approval_task(spec, task_id("register"))
     return dag

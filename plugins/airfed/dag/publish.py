@@ -53,6 +53,14 @@ def build_all(paths: list[Path]) -> tuple[dict[str, DAG], list[Problem]]:
                 continue
             dags[spec.job] = build_dag(spec, path)
             origin[spec.job] = path
+            if spec.promotion.approval == "required":
+                from airfed.dag.approval import build_approval_dag
+
+                approval = build_approval_dag(spec)
+                if approval.dag_id in dags:
+                    raise ValueError(f"the approval DAG id {approval.dag_id!r} is already taken by a job")
+                dags[approval.dag_id] = approval
+                origin[approval.dag_id] = path
         except SpecError as exc:
             problems.extend(exc.problems)
         except Exception as exc:  # noqa: BLE001 - a builder bug in one spec must not hide the others either

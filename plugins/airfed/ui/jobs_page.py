@@ -5,7 +5,10 @@ Served by the Airflow API server under ``/airfed`` (a FastAPI sub-application, s
 data as JSON. Per job: the spec (schedule, strategy, silos, registry model), the committed HEAD round,
 the last rounds from the store's round records (``rounds/<r>/registry.json``, or ``result.json`` for
 a round that was not registered) with the promotion metric, accepted/rejected silos, the registry
-version and champion, and links to the DAG, its runs and MLflow.
+version and champion, and links to the DAG, its runs and MLflow. The champion is the current holder
+of the alias (``champion.json``, written by every move; else the latest round's record); with
+``promotion.approval: required`` the candidates awaiting approval (linked to their approval task)
+and the rejected versions come from the rounds' ``approval.json``.
 
 Both endpoints need an Airflow login (the UI's session cookie or an API bearer token) and list only
 the jobs whose DAG the user may read. No torch, flwr or mlflow imports: the store is read directly.
@@ -96,6 +99,20 @@ def _round_row(job: str, record: dict, status: str, ui: str, prefix: str) -> dic
     }
 
 
+def approval_task_url(prefix: str, approval: dict) -> str:
+    """The approval task of a candidate (Airflow's "required actions" page of that task)."""
+    return (f"{prefix}/dags/{quote(approval['approval_dag_id'])}/runs/{quote(approval['approval_run_id'], safe='')}"
+            "/tasks/approve/required_actions")
+
+
+def _approval(record: dict | None, prefix: str) -> dict[str, Any] | None:
+    """A round's ``approval.json`` (``promotion.approval: required``) as the page shows it."""
+    if not record:
+        return None
+    keep = ("state", "version", "by", "at", "reason", "timed_out", "requested_at", "approval_dag_id", "approval_run_id")
+    return {**{k: record.get(k) for k in keep}, "link": approval_task_url(prefix, record)}
+
+
 def _store_rounds(store: Any, job: str, last: int, ui: str, prefix: str) -> tuple[int | None, list[dict]]:
     """HEAD round and the last ``last`` rounds (ascending), plus a failed round after HEAD if any."""
     from fl_tasks.store import JobKeys
@@ -109,6 +126,7 @@ def _store_rounds(store: Any, job: str, last: int, ui: str, prefix: str) -> tupl
         record = store.get_json_or_none(keys.registry(r))
         if record is not None:
             rows.append(_round_row(job, record, "registered", ui, prefix))
+            rows[-1]["approval"] = _approval(store.get_json_or_none(keys.approval(r)), prefix)
             continue
         result = store.get_json_or_none(keys.result(r)) or {"round": r}
         rows.append(_round_row(job, {**result, "round": r}, "committed, not registered", ui, prefix))
@@ -138,6 +156,8 @@ def _read_bounded(read: Callable[..., Any], *args: Any) -> Any:
 
 
 def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefix: str) -> dict[str, Any]:
+    from fl_tasks.store import JobKeys
+
     entry: dict[str, Any] = {
         "job": spec.job,
         "description": spec.description,
@@ -148,9 +168,13 @@ def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefi
         "silos": [s.name for s in spec.silos],
         "registry_model": spec.model_name,
         "experiment": spec.experiment_name,
-        "promotion": {"metric": spec.promotion.metric, "direction": spec.promotion.direction},
+        "promotion": {"metric": spec.promotion.metric, "direction": spec.promotion.direction,
+                      "approval": spec.promotion.approval},
         "head_round": None,
         "champion_version": None,
+        "champion": None,
+        "awaiting_approval": [],
+        "rejected_versions": [],
         "latest_version": None,
         "rounds": [],
         "error": None,
@@ -163,6 +187,7 @@ def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefi
     }
     try:
         entry["head_round"], entry["rounds"] = _read_bounded(_store_rounds, store, spec.job, last, ui, prefix)
+        entry["champion"] = _read_bounded(store.get_json_or_none, JobKeys(spec.job).champion)
     except StoreBusy as exc:
         entry["error"] = f"the store {store.url} {exc}"
     except concurrent.futures.TimeoutError:
@@ -176,8 +201,13 @@ def _job_entry(spec: Any, spec_path: Path, store: Any, last: int, ui: str, prefi
         entry["champion_version"] = latest["champion_version"]
         if latest["mlflow_experiment_id"]:
             entry["links"]["mlflow_experiment"] = links.experiment_url(latest["mlflow_experiment_id"], ui)
-        if latest["champion_version"] is not None:
-            entry["links"]["champion"] = links.model_version_url(spec.model_name, latest["champion_version"], ui)
+    if entry.get("champion"):  # champion.json: the current holder, whoever moved it last (a person or register)
+        entry["champion_version"] = entry["champion"]["version"]
+    if entry["champion_version"] is not None:
+        entry["links"]["champion"] = links.model_version_url(spec.model_name, entry["champion_version"], ui)
+    approvals = [r["approval"] for r in entry["rounds"] if r.get("approval")]
+    entry["awaiting_approval"] = [a for a in approvals if a["state"] == "pending"]
+    entry["rejected_versions"] = [a for a in approvals if a["state"] == "rejected"]
     return entry
 
 

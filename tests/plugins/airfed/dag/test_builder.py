@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from airfed.dag.builder import (
+    MODEL_EVENT_TASK_ID,
     NEXT_ROUND_TASK_ID,
     TEMPLATED_REFS,
     TIMEOUT_GRACE_SECONDS,
@@ -34,7 +35,7 @@ def dag(spec):
 
 
 def test_one_dag_run_is_one_round_in_step_order_then_the_trigger(dag):
-    assert [t.task_id for t in dag.tasks] == [*ROUND_STEPS, NEXT_ROUND_TASK_ID]
+    assert [t.task_id for t in dag.tasks] == [*ROUND_STEPS, MODEL_EVENT_TASK_ID, NEXT_ROUND_TASK_ID]
     for upstream, downstream in zip(dag.tasks, dag.tasks[1:], strict=False):
         assert dag.get_task(downstream.task_id).upstream_task_ids == {upstream.task_id}
     for step in ("train", "validate", "evaluate"):
@@ -65,8 +66,10 @@ def test_task_options_per_step(spec, dag):
         assert options["retries"] == spec.execution.retries
         assert options["retry_exponential_backoff"] == spec.execution.retry_exponential_backoff
         assert options.get("trigger_rule") == ("all_done" if step in ("validate", "aggregate", "register") else None)
-    assert task_options(spec, "register")["outlets"] == [model_asset(spec)]
-    assert "outlets" not in task_options(spec, "aggregate")
+    # the model Asset event comes from the task after register, which reads register's result
+    assert all("outlets" not in task_options(spec, step) for step in ROUND_STEPS)
+    event = dag.get_task(MODEL_EVENT_TASK_ID)
+    assert event.outlets == [model_asset(spec)] and event.upstream_task_ids == {"register"}
     # the next round runs only after register succeeded: a round that did not commit ends the chain
     assert str(dag.get_task(NEXT_ROUND_TASK_ID).trigger_rule) in ("all_success", "TriggerRule.ALL_SUCCESS")
 
@@ -133,4 +136,4 @@ def test_silos_beyond_airflows_map_length_are_a_spec_error(tmp_path):
     data["silos"] = data["silos"][:1000]
     big = parse_spec_text(yaml.safe_dump(data), "big.yaml")
     dag = build_dag(big, "big.yaml")
-    assert len(dag.get_task("train").expand_input.value) == 1000 and len(dag.tasks) == 7
+    assert len(dag.get_task("train").expand_input.value) == 1000 and len(dag.tasks) == 8

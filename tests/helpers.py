@@ -140,3 +140,20 @@ def gone(pid: int, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def small_example_spec(directory: Path, silos: tuple[str, ...] = ("us", "eu"), epochs: int = 1,
+                       **overrides: Any) -> Path:
+    """The example job (dags/digits.yaml) cut down: fewer silos and local epochs, same model and data code.
+
+    For tests where a run only proves an integration: each silo costs a train/validate/evaluate step,
+    each epoch the training inside them.
+    """
+    spec = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    spec["silos"] = [s for s in spec["silos"] if s["name"] in silos]
+    spec["training"] = {**spec["training"], "local-epochs": epochs}
+    spec.update(overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{spec['job']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path

@@ -80,10 +80,21 @@ def run_rounds(spec_path: Path, home: Path, kind: str, monkeypatch: pytest.Monke
         return results
 
 
+def warm_requests() -> int:
+    """Steps forked so far by the warm servers of this test process (AIRFED_WARM_DIR, see conftest)."""
+    from fl_tasks.warm.launch import request_op
+
+    pings = [request_op(p, "ping") for p in Path(os.environ["AIRFED_WARM_DIR"]).glob("warm-*.sock")]
+    return sum(p["requests"] for p in pings if p)
+
+
 def test_warm_and_subprocess_paths_commit_the_same_globals(tmp_path, monkeypatch):
     spec = small_example_spec(tmp_path / "spec", silos=("us", "eu"), epochs=1)
+    before = warm_requests()
     warm = run_rounds(spec, tmp_path / "warm", "warm", monkeypatch)
+    assert warm_requests() - before == ROUNDS * 4  # every step forked warm (no fallback to a subprocess)
     cold = run_rounds(spec, tmp_path / "subprocess", "subprocess", monkeypatch)
+    assert warm_requests() - before == ROUNDS * 4  # and none on the subprocess path
 
     shas = {kind: [(r["input_global"]["sha256"], r["new_global"]["sha256"]) for r in results]
             for kind, results in (("warm", warm), ("subprocess", cold))}

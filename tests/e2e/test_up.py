@@ -40,6 +40,8 @@ CHROMIUM = "/usr/bin/chromium"
 STARTUP_TIMEOUT = 600
 RUN_TIMEOUT = 900
 SILOS = ("us", "eu")
+#: steps at once (Airflow's parallelism; the default is the machine's cores): a round's silos side by side
+PARALLELISM = len(SILOS)
 #: a round's steps: distribute, train/validate/evaluate per silo, aggregate, register
 STEPS_PER_ROUND = 3 + 3 * len(SILOS)
 
@@ -103,7 +105,7 @@ class Up:
         self.mlflow = f"http://127.0.0.1:{mlflow_port}"
         self.log = home.parent / "airfed-up.out"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
-        env.update(AIRFED_HOME=str(home), PYTHONUNBUFFERED="1")
+        env.update(AIRFED_HOME=str(home), PYTHONUNBUFFERED="1", AIRFED_PARALLELISM=str(PARALLELISM))
         self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "airfed.cli", "up", "--dags", str(dags),
@@ -280,6 +282,24 @@ def test_task_processes_share_one_warm_step_server(up, token, triggered):
     status = request_op(sockets[0], "ping")
     assert status["requests"] >= 2 * STEPS_PER_ROUND, status  # both rounds' steps (and the data preparation)
     assert status["python_threads"] == 1 and status["children"] == []
+
+
+def test_silo_tasks_run_side_by_side(up, token, triggered):
+    """LocalExecutor with ``parallelism`` = AIRFED_PARALLELISM (default: the cores; 2 here) runs a
+    round's mapped silo tasks at once: in the two rounds, some silo step's tasks overlap in time."""
+    from datetime import datetime
+
+    overlapping = []
+    for run in (triggered["first"], triggered):
+        tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{run['quoted']}/taskInstances?limit=100",
+                       token)["task_instances"]
+        for step in ("train", "validate", "evaluate"):
+            spans = [(datetime.fromisoformat(t["start_date"]), datetime.fromisoformat(t["end_date"]))
+                     for t in tis if t["task_id"] == step]
+            assert len(spans) == len(SILOS), (step, spans)
+            if max(s for s, _ in spans) < min(e for _, e in spans):
+                overlapping.append((run["run_id"], step))
+    assert overlapping, "no silo step ran its silos concurrently"
 
 
 def test_jobs_page_json_and_html(up, token, triggered):

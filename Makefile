@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/airfed run dags/digits.yaml --rounds $(ROUNDS)
 
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Builds (or reuses, under .rehearse/) the Airflow and fl-task images' environments with
 # images/install_env.py, deploys them on loopback and runs the digits job through the REST API.

@@ -59,3 +59,28 @@ def airflow_db() -> None:
     from airfed.environment import migrate_airflow_db
 
     migrate_airflow_db()
+
+
+#: The slowest modules, slowest first. ``make test`` runs pytest-xdist with ``--dist loadfile
+#: --no-loadscope-reorder``: modules go to whichever worker is free in this order (longest first),
+#: so the rehearsal (it builds both image environments from scratch) starts at once instead of
+#: being the tail, and the short modules fill the gaps at the end.
+SLOWEST_FIRST = (
+    "tests/test_rehearse.py",
+    "tests/e2e/test_up.py",
+    "tests/e2e/test_faults.py",
+    "tests/e2e/test_concurrent_runs.py",
+    "tests/e2e/test_run.py",
+    "tests/fl_tasks/test_launch.py",
+    "tests/plugins/airfed/cli/test_offline.py",
+    "tests/fl_tasks/test_strategies.py",
+    "tests/e2e/test_run_s3.py",
+    "tests/e2e/test_launcher_globals.py",
+    "tests/fl_tasks/test_round_faults.py",
+    "tests/e2e/test_kubernetes_pods.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: file order kept

@@ -140,3 +140,67 @@ def gone(pid: int, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def small_example_spec(directory: Path, silos: tuple[str, ...] = ("us", "eu"), epochs: int = 1,
+                       **overrides: Any) -> Path:
+    """The example job (dags/digits.yaml) cut down: fewer silos and local epochs, same model and data code.
+
+    For tests where a run only proves an integration: each silo costs a train/validate/evaluate step,
+    each epoch the training inside them.
+    """
+    spec = yaml.safe_load(EXAMPLE_SPEC.read_text())
+    spec["silos"] = [s for s in spec["silos"] if s["name"] in silos]
+    spec["training"] = {**spec["training"], "local-epochs": epochs}
+    spec.update(overrides)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{spec['job']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+#: A round's steps in DAG order (what the DAG's task dependencies run one after the other).
+ROUND_ORDER = ("distribute", "train", "validate", "aggregate", "evaluate", "register")
+
+
+def round_in_process(spec: Any, run_id: str, r: int, monkeypatch: Any, steps: tuple[str, ...] = ROUND_ORDER,
+                     chain_id: str | None = None, training: dict | None = None,
+                     extra_env: dict[tuple[str, str | None], dict[str, str]] | None = None,
+                     ) -> dict[tuple[str, str | None], Any]:
+    """Round ``r`` of ``spec`` with every step's StepCall (argv + env) run in this process, no Airflow.
+
+    Each step runs ``fl_tasks.__main__.main`` on its argv with its env set, as its pod or subprocess
+    would, and keeps going whatever a step did (as the DAG's trigger rules do); returns per (step,
+    silo) the exit code, or the exception the step raised (its failure is recorded by the step).
+    ``extra_env[(step, silo)]`` is added to that one step's env (e.g. a shorter AIRFED_STEP_TIMEOUT).
+    """
+    from airfed.dag.step_calls import RoundRefs, round_calls
+
+    from fl_tasks.__main__ import main as step_main
+
+    refs = RoundRefs(str(r), run_id, chain_id or run_id, json.dumps({**spec.training, **(training or {})}))
+    calls = round_calls(spec, refs)
+    outcomes: dict[tuple[str, str | None], Any] = {}
+    for step in steps:
+        for call in calls[step] if isinstance(calls[step], list) else [calls[step]]:
+            with monkeypatch.context() as patch:
+                for name, value in {**call.env, **(extra_env or {}).get((step, call.silo), {})}.items():
+                    patch.setenv(name, value)
+                try:
+                    outcome: Any = step_main(call.argv[3:])
+                except Exception as exc:  # the task fails; the round goes on
+                    outcome = exc
+            outcomes[(step, call.silo)] = outcome
+    return outcomes
+
+
+def prepare_in_process(spec_path: Path, monkeypatch: Any) -> Any:
+    """Load ``spec_path`` (under the current AIRFED_HOME), create its silos' data; the fault app importable."""
+    from airfed.spec import load_spec
+
+    from fl_tasks import prepare_data
+
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    spec = load_spec(spec_path)
+    assert prepare_data.main([spec.step_payload()]) == 0
+    return spec

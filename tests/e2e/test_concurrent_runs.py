@@ -3,7 +3,8 @@
 Whatever the interleaving, a round number commits once: each committed round has one result and one
 registry version whose ``global_sha256`` is the store's, every round trains from the previous
 round's committed global, each run's summary lists only the rounds it committed, every round trains
-with its own run's config, and a run that lost a race exits non-zero naming the winner.
+with its own run's config, and a run that lost a race exits non-zero naming the winner. The example
+job cut to 2 silos and 1 local epoch: the runs only have to meet.
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ import subprocess
 import sys
 import time
 
-from helpers import EXAMPLE_SPEC, REPO, clean_env, json_summary
+from helpers import REPO, clean_env, json_summary, small_example_spec
 
 from fl_tasks.records import Plan, RegistrySummary, Result
 from fl_tasks.store import JobKeys, open_store
 
-ROUNDS = 3
+ROUNDS = 2
 
 
-def start_run(home, shared: dict[str, str], training: str) -> subprocess.Popen:
+def start_run(spec, home, shared: dict[str, str], training: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "airfed.cli", "run", str(EXAMPLE_SPEC), "--rounds", str(ROUNDS), "--json",
+        [sys.executable, "-m", "airfed.cli", "run", str(spec), "--rounds", str(ROUNDS), "--json",
          "--training", training],
         cwd=REPO, env=clean_env(home, **shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -34,9 +35,10 @@ def test_two_concurrent_runs_commit_each_round_once(tmp_path):
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
     configs = {"a": '{"lr": 0.05}', "b": '{"lr": 0.1}'}
-    first = start_run(tmp_path / "home-a", shared, configs["a"])
+    spec = small_example_spec(tmp_path / "spec")
+    first = start_run(spec, tmp_path / "home-a", shared, configs["a"])
     time.sleep(2)
-    second = start_run(tmp_path / "home-b", shared, configs["b"])
+    second = start_run(spec, tmp_path / "home-b", shared, configs["b"])
     outputs = {name: proc.communicate(timeout=1500) for name, proc in (("a", first), ("b", second))}
     procs = {"a": first, "b": second}
     summaries = {name: json_summary(subprocess.CompletedProcess([], procs[name].returncode, *outputs[name]))
@@ -94,7 +96,7 @@ def test_two_concurrent_runs_commit_each_round_once(tmp_path):
     assert any(len(rounds) < ROUNDS for rounds in rounds_of.values()) or len(committed) == 2 * ROUNDS
 
     verify = subprocess.run(
-        [sys.executable, "-m", "airfed.cli", "verify", str(EXAMPLE_SPEC), "--all"], cwd=REPO,
+        [sys.executable, "-m", "airfed.cli", "verify", str(spec), "--all"], cwd=REPO,
         env=clean_env(tmp_path / "home-a", **shared), capture_output=True, text=True, timeout=600,
     )
     assert verify.returncode == 0, verify.stdout[-3000:] + verify.stderr[-3000:]

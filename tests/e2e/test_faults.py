@@ -1,56 +1,43 @@
 """Fault injection through real DAG runs (``airfed run`` → Airflow's dag.test()).
 
 Misbehaving silos come from tests/fixtures/airfed_faults.py, selected per silo by node_config
-(specs from ``helpers.make_fault_spec``).
+(specs from ``helpers.make_fault_spec``). What each step does with a fault (every rejection reason,
+differential privacy, sampling) is tested round by round in-process in
+tests/fl_tasks/test_round_faults.py; here, what the DAG and ``airfed run`` add: a failed or skipped
+silo task does not stop the round, a round without quorum fails the run and leaves HEAD and the
+champion alone, and a crashed commit is finished by the next run.
 """
 
 from __future__ import annotations
 
-import json
+import os
 
-import pytest
-from helpers import make_fault_spec, mlflow_round_runs, store_json
+from helpers import make_fault_spec, mlflow_round_runs, prepare_in_process, round_in_process, store_json
 from helpers import run_fault_spec as airfed_run
 
+from fl_tasks.steps.distribute import sample_silos
+from fl_tasks.warm import SubprocessLauncher, run
 
-def test_every_bad_update_is_rejected_with_its_reason(tmp_path):
+
+def test_sampled_round_then_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
+    """Round 1 samples 2 of 4 silos (the others' tasks skip); round 2 loses its quorum (two silos
+    raise: the run fails, nothing moves); round 3 (round 2 again) commits without its failed silo."""
     home = tmp_path / "home"
-    spec = make_fault_spec(tmp_path, "faults", {
-        "ok1": "", "ok2": "", "raise": "raise", "hang": "hang", "nan": "nan",
-        "shape": "shape", "norm": "norm", "tamper": "tamper", "examples": "examples",
-    })
-    proc, summary = airfed_run(home, spec)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert summary["rounds"][0]["accepted"] == ["ok1", "ok2"]
-
-    result = store_json(home, "faulty/rounds/1/result.json")
-    assert sorted(result["accepted"]) == ["ok1", "ok2"]
-    reasons = result["rejected"]
-    assert "train failed: RuntimeError: simulated silo failure" in reasons["raise"]
-    assert "train timed out: timed out after 20s" in reasons["hang"]
-    assert "non-finite" in reasons["nan"]
-    assert "is torch.float32" in reasons["shape"] or "shape" in reasons["shape"] or "F32" in reasons["shape"]
-    assert "exceeds guards.max_update_norm=100.0" in reasons["norm"]
-    assert "checksum mismatch for" in reasons["tamper"] and "updates/tamper.safetensors" in reasons["tamper"]
-    assert "num-examples must be a positive integer" in reasons["examples"]
-
-    _client, runs = mlflow_round_runs(home)
-    (round_run,) = runs
-    assert round_run.data.metrics["accepted"] == 2 and round_run.data.metrics["rejected"] == 7
-    assert "simulated silo failure" in round_run.data.tags["rejected.raise"]
-    assert "checksum mismatch" in round_run.data.tags["rejected.tamper"]
-
-
-def test_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
-    home = tmp_path / "home"
-    good = make_fault_spec(tmp_path, "good", {"a": "", "b": "", "c": ""})
+    sampled = make_fault_spec(tmp_path, "sampled", {"a": "", "b": "", "c": "", "d": ""},
+                              strategy={"name": "FedAvg", "fraction_train": 0.5, "sample_seed": 3})
     bad = make_fault_spec(tmp_path, "bad", {"a": "", "b": "raise", "c": "raise"})
     one_down = make_fault_spec(tmp_path, "one-down", {"a": "", "b": "", "c": "raise"})
 
-    proc, first = airfed_run(home, good)
+    proc, first = airfed_run(home, sampled)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     head_before = store_json(home, "faulty/HEAD.json")
     assert head_before["round"] == 1
+    expected = sample_silos(["a", "b", "c", "d"], 0.5, seed=3, job="faulty", r=1, at_least=2)
+    assert store_json(home, "faulty/rounds/1/plan.json")["sampled"] == expected
+    assert first["rounds"][0]["accepted"] == sorted(expected) and first["rounds"][0]["rejected"] == {}
+    for silo in {"a", "b", "c", "d"} - set(expected):  # skipped, and still evaluated
+        assert store_json(home, f"faulty/rounds/1/updates/{silo}.json") is None
+        assert store_json(home, f"faulty/rounds/1/evaluation/{silo}.json") is not None
 
     proc, failed = airfed_run(home, bad)
     assert proc.returncode == 1
@@ -73,18 +60,31 @@ def test_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
     assert store_json(home, "faulty/HEAD.json")["round"] == 2
 
 
-def test_aggregator_killed_before_head_is_finished_by_the_next_run(tmp_path):
+def test_aggregator_killed_before_head_is_finished_by_the_next_run(tmp_path, monkeypatch):
     """result.json is the commit point; a crash before HEAD moved is finished (rolled forward) by the
     next writer instead of being redone, and its registry version is backfilled."""
     home = tmp_path / "home"
-    spec = make_fault_spec(tmp_path, "crash", {"a": "", "b": ""})
-    proc, crashed = airfed_run(home, spec, extra_env={"AIRFED_FAULT_INJECT": "aggregate:before-head"})
-    assert proc.returncode == 1
+    spec_path = make_fault_spec(tmp_path, "crash", {"a": "", "b": ""})
+    crashed = {"dag_run_id": "manual__crashed"}
+    with monkeypatch.context() as patch:  # round 1 step by step; its aggregate dies like a killed pod
+        patch.setenv("AIRFED_HOME", str(home))
+        patch.setenv("AIRFED_STORE_URL", f"file://{home / 'store'}")
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        spec = prepare_in_process(spec_path, patch)
+        steps = round_in_process(spec, crashed["dag_run_id"], 1, patch, steps=("distribute", "train", "validate"))
+        assert set(steps.values()) == {0}, steps
+        from airfed.dag.step_calls import RoundRefs, round_calls
+
+        call = round_calls(spec, RoundRefs("1", crashed["dag_run_id"], crashed["dag_run_id"], "{}"))["aggregate"]
+        lines: list[str] = []
+        env = {**os.environ, **call.env, "AIRFED_FAULT_INJECT": "aggregate:before-head"}
+        assert run(SubprocessLauncher(), call.argv, env, on_line=lines.append) == 137, lines
+    assert "[airfed] fault injection: crashing at aggregate:before-head" in lines
     assert store_json(home, "faulty/HEAD.json") is None
     orphan = store_json(home, "faulty/rounds/1/result.json")
     assert orphan["committed"] is True and orphan["dag_run_id"] == crashed["dag_run_id"]
 
-    proc, rerun = airfed_run(home, spec)
+    proc, rerun = airfed_run(home, spec_path)
     head = store_json(home, "faulty/HEAD.json")
     plan2 = store_json(home, "faulty/rounds/2/plan.json")
     assert head["round"] == 2 and head["dag_run_id"] == plan2["dag_run_id"] != crashed["dag_run_id"]
@@ -99,24 +99,3 @@ def test_aggregator_killed_before_head_is_finished_by_the_next_run(tmp_path):
     assert [r["round"] for r in rerun["rounds"]] == [2]  # only the rounds this run committed
     assert rerun["committed_by_others"] == {"1": crashed["dag_run_id"]} and rerun["lost"] is None
     assert f"round(s) 1 committed meanwhile by another run: {crashed['dag_run_id']}" in proc.stdout
-
-
-@pytest.mark.parametrize("mode", ["server", "client"])
-def test_differential_privacy_is_applied_and_recorded(tmp_path, mode):
-    home = tmp_path / "home"
-    dp = {"mode": mode, "noise_multiplier": 0.01, "clipping_norm": 0.5}
-    spec = make_fault_spec(tmp_path, f"dp-{mode}", {"a": "", "b": ""}, differential_privacy=dp)
-    proc, summary = airfed_run(home, spec)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = store_json(home, "faulty/rounds/1/result.json")
-    assert result["differential_privacy"] == dp
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("airfed/faulty").experiment_id],
-        filter_string="tags.`airfed.kind` = 'round'",
-    )
-    assert json.loads(run.data.params["differential_privacy"]) == dp
-    if mode == "server":
-        assert all(a["update_norm"] > 0.5 for a in result["accepted"].values())  # clipped server-side

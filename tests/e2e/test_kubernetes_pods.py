@@ -1,6 +1,9 @@
 """The kubernetes runner's rendered pods, executed: each container's argv + env runs locally in DAG
-order and commits a round (the contract: a pod runs exactly what the local runner runs). A real
-cluster end-to-end run is gated on ``KUBECONFIG`` (see the README, "Running on Kubernetes").
+order and commits a round (the contract: a pod runs exactly what the local runner runs). The
+containers run through the local runner's default launcher (warm: forked by a step server with the
+container's argv and exactly its env, tests/fl_tasks/test_launch.py proves it equal to a fresh
+interpreter); one local epoch, as the run only proves the contract. A real cluster end-to-end run is
+gated on ``KUBECONFIG`` (see the README, "Running on Kubernetes").
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ def literal_env(pod) -> dict[str, str]:
 def k8s_spec(tmp_path_factory):
     from airfed.spec import load_spec
 
-    path = write_spec(tmp_path_factory.mktemp("k8s-spec"), kubernetes_spec_dict())
+    spec = kubernetes_spec_dict()
+    spec["training"]["local-epochs"] = 1
+    path = write_spec(tmp_path_factory.mktemp("k8s-spec"), spec)
     return load_spec(path), path
 
 
@@ -41,6 +46,8 @@ def test_rendered_containers_run_a_round_locally(k8s_spec, tmp_path):
     from airfed.runners.pod_manifests import render_round
 
     from fl_tasks.contract import RESULT_FILE_ENV
+    from fl_tasks.warm import WarmLauncher
+    from fl_tasks.warm import run as run_step
 
     spec, path = k8s_spec
     pods = render_round(spec, round_number=ROUND_MARK, run_id=DEFAULT_RUN_ID)
@@ -51,15 +58,17 @@ def test_rendered_containers_run_a_round_locally(k8s_spec, tmp_path):
         "HOME": str(tmp_path),
         "PYTHONPATH": str(REPO),  # in the image, fl_tasks and examples are installed
         "AIRFED_HOME": str(home),
+        "AIRFED_WARM_DIR": os.environ["AIRFED_WARM_DIR"],  # the session's step servers (stopped at its end)
     }
-    local = {"AIRFED_STORE_URL": f"file://{store}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    prep = subprocess.run(
-        [sys.executable, "-m", "fl_tasks.prepare_data", spec.step_payload()],
-        env=base_env, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    assert prep.returncode == 0, prep.stdout + prep.stderr
 
-    def start(pod, round_value: str | None) -> tuple[subprocess.Popen, Path]:
+    launcher = WarmLauncher(fallback=False)
+    local = {"AIRFED_STORE_URL": f"file://{store}", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    prep: list[str] = []
+    code = run_step(launcher, ["python", "-m", "fl_tasks.prepare_data", spec.step_payload()], base_env,
+                    str(tmp_path), on_line=prep.append)
+    assert code == 0, "\n".join(prep)
+
+    def start(pod, round_value: str | None):
         c = container(pod)
         argv = [a.replace(ROUND_MARK, round_value) if round_value else a for a in [*c["command"], *c["args"]]]
         assert ROUND_MARK not in " ".join(argv)
@@ -68,17 +77,16 @@ def test_rendered_containers_run_a_round_locally(k8s_spec, tmp_path):
         result = tmp_path / "results" / f"{pod.step}-{pod.silo or 'server'}.json"
         if RESULT_FILE_ENV in env:
             env[RESULT_FILE_ENV] = str(result)
-        proc = subprocess.Popen(
-            argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        return proc, result
+        return launcher.start(argv, env, str(tmp_path)), argv, result
 
     def run(step: str, round_value: str | None) -> list[Path]:
-        started = [start(p, round_value) for p in pods if p.step == step]
-        for proc, _ in started:
-            out, _ = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"{step}: {' '.join(proc.args)}\n{out[-4000:]}"
-        return [r for _, r in started]
+        started = [start(p, round_value) for p in pods if p.step == step]  # a step's pods at once
+        for running, argv, _ in started:
+            with running:
+                out = list(running.lines())
+                code = running.wait(600)
+            assert code == 0, f"{step}: {' '.join(argv)}\n" + "\n".join(out[-60:])
+        return [r for *_, r in started]
 
     (result,) = run("distribute", None)
     round_value = str(json.loads(result.read_text())["round"])

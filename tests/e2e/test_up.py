@@ -1,13 +1,14 @@
 """``airfed up``: real Airflow standalone + real MLflow server, a run triggered through the REST API.
 
 One ``airfed up`` process on a fresh AIRFED_HOME and free ports serves the whole module: the digits
-DAG (from the project's ``dags/``) is triggered with ``POST /api/v2/dags/digits/dagRuns`` and must
-succeed like ``airfed run``; then the registry, the plugin's FL jobs page (JSON + HTML), the register
-task's extra links (resolved on the MLflow server) and a headless Chromium screenshot of the page are
-checked; finally SIGINT must stop both servers and everything they started.
+DAG is triggered with ``POST /api/v2/dags/digits/dagRuns`` and must succeed like ``airfed run``; then
+the registry, the plugin's FL jobs page (JSON + HTML), the register task's extra links (resolved on
+the MLflow server) and a headless Chromium screenshot of the page are checked; finally SIGINT must
+stop both servers and everything they started.
 
-The DAG is unpaused on creation and its cron's last time has passed, so Airflow also starts the
-scheduled run right away; the triggered run queues behind it (``max_active_runs=1``).
+The DAGs folder (``airfed up --dags``) is the project's loader with the example job cut to 2 silos,
+1 local epoch and no schedule (``helpers.small_example_spec``): the scheduler runs exactly the two
+triggered rounds, and nothing else, while the servers are under test.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, small_example_spec
 
 sys.path.insert(0, str(REPO / "images"))
 from rehearse import processes_with_env
@@ -38,6 +39,11 @@ SCREENSHOTS = REPO / "artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 STARTUP_TIMEOUT = 600
 RUN_TIMEOUT = 900
+SILOS = ("us", "eu")
+#: steps at once (Airflow's parallelism; the default is the machine's cores): a round's silos side by side
+PARALLELISM = len(SILOS)
+#: a round's steps: distribute, train/validate/evaluate per silo, aggregate, register
+STEPS_PER_ROUND = 3 + 3 * len(SILOS)
 
 #: one `airfed up` shared by the module's tests: keep them on one xdist worker, in file order
 pytestmark = pytest.mark.xdist_group("up")
@@ -93,16 +99,16 @@ def processes_with_home(home: Path) -> list[tuple[int, str]]:
 class Up:
     """The running ``airfed up`` and what it printed."""
 
-    def __init__(self, home: Path, airflow_port: int, mlflow_port: int):
+    def __init__(self, home: Path, airflow_port: int, mlflow_port: int, dags: Path):
         self.home, self.airflow_port, self.mlflow_port = home, airflow_port, mlflow_port
         self.airflow = f"http://127.0.0.1:{airflow_port}"
         self.mlflow = f"http://127.0.0.1:{mlflow_port}"
         self.log = home.parent / "airfed-up.out"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFED_", "MLFLOW_", "AIRFLOW"))}
-        env.update(AIRFED_HOME=str(home), PYTHONUNBUFFERED="1")
+        env.update(AIRFED_HOME=str(home), PYTHONUNBUFFERED="1", AIRFED_PARALLELISM=str(PARALLELISM))
         self.out = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "airfed.cli", "up",
+            [sys.executable, "-m", "airfed.cli", "up", "--dags", str(dags),
              "--airflow-port", str(airflow_port), "--mlflow-port", str(mlflow_port)],
             cwd=REPO, env=env, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -137,8 +143,11 @@ class Up:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory):
-    home = tmp_path_factory.mktemp("up") / "home"
-    server = Up(home, free_port(), free_port())
+    root = tmp_path_factory.mktemp("up")
+    home, dags = root / "home", root / "dags"
+    small_example_spec(dags, silos=SILOS, epochs=1, schedule=None)
+    shutil.copy(REPO / "dags" / "airfed_dags.py", dags)
+    server = Up(home, free_port(), free_port(), dags)
     try:
         server.wait_ready(STARTUP_TIMEOUT)
         yield server
@@ -224,9 +233,9 @@ def test_rest_triggered_rounds_chain_two_runs_and_register_both(up, token, trigg
 
     first, second = triggered["first"], triggered
     all_runs = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns?order_by=run_after&limit=100", token)["dag_runs"]
-    # (the cron schedule may have added a run, and its chain, when the DAG appeared)
     runs = [r for r in all_runs if first["run_id"] in (r["dag_run_id"], (r["conf"] or {}).get("chain_id"))]
     assert [r["dag_run_id"] for r in runs] == [first["run_id"], second["run_id"]]  # rounds=2: no third run
+    assert runs == all_runs  # no schedule: nothing but the chain ran
     assert runs[1]["run_after"] == runs[0]["run_after"]  # the chain keeps its place in the queue
     assert runs[1]["run_type"] == "operator_triggered", runs[1]
     assert runs[1]["conf"] == {"rounds": 1, "training": runs[1]["conf"]["training"], "chain_id": first["run_id"]}
@@ -247,7 +256,7 @@ def test_rest_triggered_rounds_chain_two_runs_and_register_both(up, token, trigg
     assert [r["dag_run_id"] for r in ours] == [first["run_id"], second["run_id"]], ours
     assert ours[1]["round"] == ours[0]["round"] + 1
     for rec in ours:
-        assert sorted(rec["accepted"]) == ["asia", "eu", "us"] and rec["rejected"] == {}
+        assert sorted(rec["accepted"]) == sorted(SILOS) and rec["rejected"] == {}
     head = json.loads((up.home / "store" / "digits" / "HEAD.json").read_text())
     assert head["round"] == ours[1]["round"] == max(r["round"] for r in records)
 
@@ -272,8 +281,26 @@ def test_task_processes_share_one_warm_step_server(up, token, triggered):
     sockets = sorted((up.home / "run").glob("warm-*.sock"))
     assert len(sockets) == 1, sockets
     status = request_op(sockets[0], "ping")
-    assert status["requests"] >= 2 * 12, status  # both rounds' 12 steps (and the data preparation)
+    assert status["requests"] >= 2 * STEPS_PER_ROUND, status  # both rounds' steps (and the data preparation)
     assert status["python_threads"] == 1 and status["children"] == []
+
+
+def test_silo_tasks_are_dispatched_side_by_side(up, token, triggered):
+    """LocalExecutor with ``parallelism`` = AIRFED_PARALLELISM (default: the cores; 2 here): the
+    scheduler hands a round's mapped silo tasks to the executor together, each silo step's second
+    task before the first finished (with parallelism 1 it would wait for a free slot). Whether their
+    runs then overlap in time depends on how fast each task process starts, so that is not asserted."""
+    from datetime import datetime
+
+    for run in (triggered["first"], triggered):
+        tis = get_json(f"{up.airflow}/api/v2/dags/digits/dagRuns/{run['quoted']}/taskInstances?limit=100",
+                       token)["task_instances"]
+        for step in ("train", "validate", "evaluate"):
+            silo_tis = [t for t in tis if t["task_id"] == step]
+            assert len(silo_tis) == len(SILOS), (step, silo_tis)
+            queued = [datetime.fromisoformat(t["queued_when"]) for t in silo_tis]
+            ended = [datetime.fromisoformat(t["end_date"]) for t in silo_tis]
+            assert max(queued) < min(ended), (run["run_id"], step, queued, ended)
 
 
 def test_jobs_page_json_and_html(up, token, triggered):
@@ -285,11 +312,11 @@ def test_jobs_page_json_and_html(up, token, triggered):
     data = get_json(f"{up.airflow}/airfed/api/jobs", token)
     job = next(j for j in data["jobs"] if j["job"] == "digits")
     assert job["error"] is None and data["problems"] == []
-    assert job["silos"] == ["us", "eu", "asia"] and job["registry_model"] == "digits-mlp"
+    assert job["silos"] == list(SILOS) and job["registry_model"] == "digits-mlp"
     ours = [r for r in job["rounds"] if r["dag_run_id"] == triggered["run_id"]]
     assert len(ours) == 1
     row = ours[0]
-    assert row["status"] == "registered" and row["accepted"] == ["asia", "eu", "us"]
+    assert row["status"] == "registered" and row["accepted"] == sorted(SILOS)
     assert 0.0 <= row["metrics"]["accuracy"] <= 1.0
     assert job["head_round"] == row["round"] and job["champion_version"] == row["champion_version"]
     assert row["links"]["mlflow_run"].startswith(f"http://localhost:{up.mlflow_port}/#/experiments/")

@@ -7,7 +7,6 @@ for the real-step check that both paths commit byte-identical weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -361,51 +360,4 @@ def test_launcher_package_is_light():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-# ---------------------------------------------------------------- real steps, both paths
-
-
-def canonical_sha256(path: Path) -> str:
-    """sha256 of a safetensors file with its header's keys sorted.
-
-    safetensors writes the ``__metadata__`` map in Rust HashMap order, which is random per process:
-    two cold runs of the same step already differ in those bytes (fl_tasks.weights passes two
-    metadata keys). Everything else (tensor order, offsets, data) must be byte-identical.
-    """
-    raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
-    return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + raw[8 + size:]).hexdigest()
-
-
-def test_real_steps_commit_identical_weights_on_both_paths(tmp_path):
-    """A seeded distribute + train through each launcher: the same weights, byte for byte, in the store."""
-    from airfed.dag.step_calls import RoundRefs, round_calls
-    from airfed.spec import load_spec
-
-    spec = load_spec(REPO / "dags" / "digits.yaml")
-    home = tmp_path / "home"
-    common = base_env(home, MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}")
-    subprocess.run([sys.executable, "-m", "fl_tasks.prepare_data", spec.step_payload()], env=common, check=True,
-                   capture_output=True, timeout=300)
-    calls = round_calls(spec, RoundRefs(round="1", run_id="manual__launch", chain_id="manual__launch", training="{}"))
-
-    def render(argv: list[str]) -> list[str]:
-        return list(argv)
-
-    digests = {}
-    warm = WarmLauncher(idle_timeout=120, fallback=False)
-    for name, launcher in (("subprocess", SubprocessLauncher()), ("warm", warm)):
-        store = home / f"store-{name}"
-        for call in (calls["distribute"], calls["train"][0]):
-            env = {**common, **call.env, "AIRFED_STORE_URL": f"file://{store}",
-                   "AIRFED_RESULT_FILE": str(tmp_path / f"{name}-{call.step}.json")}
-            lines: list[str] = []
-            code = run(launcher, render(call.argv), env, str(REPO), on_line=lines.append)
-            assert code == 0, "\n".join(lines)
-            assert json.loads(Path(env["AIRFED_RESULT_FILE"]).read_text())
-        digests[name] = {
-            str(p.relative_to(store)): canonical_sha256(p) for p in sorted(store.rglob("*.safetensors"))
-        }
-    stop_server(warm, {**common, **calls["train"][0].env}, str(REPO))
-    assert set(digests["warm"]) == {"digits/rounds/1/global.safetensors", "digits/rounds/1/updates/us.safetensors"}
-    assert digests["warm"] == digests["subprocess"]
+# (real steps on both paths: tests/e2e/test_launcher_globals.py, the committed globals of 2 rounds)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 FIRST_USE = """
 import os, sys, time
+from fl_tasks import lineage
+open(sys.argv[1] + "." + sys.argv[2], "w").close()  # imported: ready
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.01)
-from fl_tasks import lineage
 c = lineage.client()
 exp = lineage.ensure_experiment(c, "airfed/concurrent-" + sys.argv[2])
 print(exp)
@@ -28,7 +29,10 @@ def test_concurrent_first_use_of_the_sqlite_store(tmp_path: Path) -> None:
                          stderr=subprocess.PIPE, text=True)
         for i in range(3)
     ]
-    time.sleep(8)  # all of them imported mlflow and are waiting
+    deadline = time.monotonic() + 240
+    while not all(Path(f"{go}.{i}").exists() for i in range(3)):  # all of them imported mlflow and wait
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a process did not get ready"
+        time.sleep(0.05)
     go.touch()
     outputs = [p.communicate(timeout=240) for p in procs]
     for p, (_out, err) in zip(procs, outputs, strict=True):

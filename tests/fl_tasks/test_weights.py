@@ -19,11 +19,11 @@ save_state_dict(state, sys.argv[1], metadata={"job": "digits", "round": "3", "si
 
 
 def test_two_processes_write_identical_bytes(tmp_path: Path) -> None:
-    shas = set()
-    for i in range(4):  # each process gets its own hash seed, as separate pods would
-        out = tmp_path / f"w{i}.safetensors"
-        subprocess.run([sys.executable, "-c", WRITE, str(out)], check=True)
-        shas.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    outs = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    # each process gets its own hash seed, as separate pods would (run side by side: only their start-up costs)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITE, str(out)]) for out in outs]
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    shas = {hashlib.sha256(out.read_bytes()).hexdigest() for out in outs}
     assert len(shas) == 1
     assert read_metadata(tmp_path / "w0.safetensors") == {"job": "digits", "round": "3", "silo": "eu", "z": "1",
                                                           "a": "2"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -236,10 +237,31 @@ def committed(tmp_path_factory):
 
 
 def verify(spec_path: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m airfed.cli verify``: the command a user runs, in its own process."""
     env = {"AIRFED_HOME": str(home), "AIRFED_STORE_URL": f"file://{home / 'store'}", "PATH": "/usr/bin:/bin",
            "PYTHONPATH": str(REPO / "plugins") + ":" + str(REPO)}
     return subprocess.run([sys.executable, "-m", "airfed.cli", "verify", str(spec_path), *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.fixture
+def verify_here(monkeypatch, capsys):
+    """``airfed verify`` through the CLI's entry function in this process (as ``verify`` but without an
+    interpreter start): (exit code, stdout)."""
+    from airfed.cli import main
+
+    def run(spec_path: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as patch:
+            for name in [n for n in os.environ if n.startswith(("AIRFED_", "MLFLOW_"))]:
+                patch.delenv(name)
+            patch.setenv("AIRFED_HOME", str(home))
+            patch.setenv("AIRFED_STORE_URL", f"file://{home / 'store'}")
+            capsys.readouterr()
+            code = main(["verify", str(spec_path), *args])
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["airfed", "verify"], code, out, err)
+
+    return run
 
 
 def test_verify_passes_on_committed_rounds(committed):
@@ -280,7 +302,7 @@ def test_verify_passes_on_committed_rounds(committed):
         "rounds/1/updates/north.json",
     ],
 )
-def test_verify_fails_naming_the_changed_object(committed, tmp_path, key):
+def test_verify_fails_naming_the_changed_object(committed, tmp_path, key, verify_here):
     spec_path, home = committed
     copy_home = tmp_path / "home"
     shutil.copytree(home / "store", copy_home / "store")
@@ -289,14 +311,14 @@ def test_verify_fails_naming_the_changed_object(committed, tmp_path, key):
     position = len(data) - 3 if key.endswith(".safetensors") else data.index(b'"num_examples": ') + 16
     data[position] = (data[position] + 1) % 256 if key.endswith(".safetensors") else ord("9")
     target.write_bytes(bytes(data))
-    proc = verify(spec_path, copy_home, "--all")
+    proc = verify_here(spec_path, copy_home, "--all")
     assert proc.returncode == 1, proc.stdout
     fails = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert fails and any(f"{JOB}/{key}" in line for line in fails), proc.stdout
     assert "FAILED" in proc.stdout.splitlines()[-1]
 
 
-def test_verify_detects_a_recomputation_mismatch(committed, tmp_path):
+def test_verify_detects_a_recomputation_mismatch(committed, tmp_path, verify_here):
     """An aggregator that wrote a different model and recorded its checksum consistently is caught by
     the recomputation, not by the checksums."""
     from fl_tasks.store import sha256_bytes, sha256_file
@@ -316,7 +338,7 @@ def test_verify_detects_a_recomputation_mismatch(committed, tmp_path):
     head = json.loads((store / "HEAD.json").read_text())
     head.update(global_sha256=result["new_global"]["sha256"], result_sha256=sha256_bytes(raw))
     (store / "HEAD.json").write_text(json.dumps(head, indent=2, sort_keys=True) + "\n")
-    proc = verify(spec_path, copy_home)
+    proc = verify_here(spec_path, copy_home)
     assert proc.returncode == 1
     assert f"FAIL  {JOB}/rounds/3/global.safetensors: recomputed FedAdam" in proc.stdout
     assert "does not reproduce the committed global" in proc.stdout

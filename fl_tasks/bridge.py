@@ -100,7 +100,12 @@ def call_client_app(
         state=RecordDict(),
         run_config=dict(config),
     )
-    reply = app(message, context)
+    try:
+        reply = app(message, context)
+    except TimeoutError:  # the step's own time limit (a SIGALRM inside the handler) stays a timeout
+        raise
+    except Exception as exc:  # as a SuperNode would: the user's code failed, named as such
+        raise ClientAppError(f"the {message_type} handler raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(reply, Message):
         raise ClientAppError(f"the {message_type} handler returned {type(reply).__name__}, not a flwr Message")
     if reply.has_error():

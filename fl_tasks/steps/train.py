@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fl_tasks.bridge import run_client_app
+from fl_tasks.bridge import ClientAppError, run_client_app
 from fl_tasks.privacy import clip_state
 from fl_tasks.records import Manifest, TrainStatus
 from fl_tasks.steps.common import StepEnv, log, scratch_dir, write_result
@@ -23,7 +23,7 @@ def record_failure(env: StepEnv, exc: BaseException) -> None:
         round=env.round,
         dag_run_id=env.args.run_id,
         state="timed_out" if timed_out else "failed",
-        reason=str(exc) if timed_out else f"{type(exc).__name__}: {exc}",
+        reason=str(exc) if timed_out or isinstance(exc, ClientAppError) else f"{type(exc).__name__}: {exc}",
     )
     env.store.put_record(env.keys.status(env.round, status.silo), status)
 

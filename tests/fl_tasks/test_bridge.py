@@ -371,12 +371,6 @@ def test_a_raising_client_app_fails_with_its_own_message(probe, message_type, te
         _call("raising", message_type)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: call_client_app lets the handler's exception escape as is; ClientAppError's docstring "
-    "('the user's ClientApp failed or replied with something the protocol does not allow') and a SuperNode "
-    "(which turns it into an error reply) both call for a ClientAppError naming the handler",
-)
 def test_a_raising_client_app_is_a_client_app_error_naming_the_handler(probe):
     with pytest.raises(ClientAppError, match="train handler") as info:
         _call("raising")

@@ -26,7 +26,8 @@ def test_every_bad_update_is_rejected_with_its_reason(airfed_home, tmp_path, mon
     # the spec's silo timeout (20 s) for every step but the hanging silo's train: 1 s
     outcomes = round_in_process(spec, "manual__faults", 1, monkeypatch,
                                 extra_env={("train", "hang"): {"AIRFED_STEP_TIMEOUT": "1"}})
-    assert str(outcomes[("train", "raise")]) == "simulated silo failure"  # the task fails...
+    # the task fails, naming the handler and the user code's exception...
+    assert str(outcomes[("train", "raise")]) == "the train handler raised RuntimeError: simulated silo failure"
     assert "timed out after 1s" in str(outcomes[("train", "hang")])
     assert outcomes[("aggregate", None)] == 0 and outcomes[("register", None)] == 0  # ...the round goes on
 
@@ -34,7 +35,7 @@ def test_every_bad_update_is_rejected_with_its_reason(airfed_home, tmp_path, mon
     assert sorted(result["accepted"]) == ["ok1", "ok2"]
     reasons = result["rejected"]
     assert set(reasons) == {"raise", "hang", "nan", "shape", "norm", "tamper", "examples"}
-    assert "train failed: RuntimeError: simulated silo failure" in reasons["raise"]
+    assert "train failed: the train handler raised RuntimeError: simulated silo failure" in reasons["raise"]
     assert "train timed out: timed out after 1s" in reasons["hang"]
     assert "non-finite" in reasons["nan"]
     assert "is torch.float32" in reasons["shape"] or "shape" in reasons["shape"] or "F32" in reasons["shape"]

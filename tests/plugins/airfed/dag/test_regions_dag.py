@@ -115,7 +115,7 @@ def test_flat_job_is_unchanged_by_the_regional_fields():
     spec = load_spec(REPO / "dags" / "digits.yaml")
     assert round_steps(spec) == ROUND_STEPS
     dag = build_dag(spec, REPO / "dags" / "digits.yaml")
-    assert [t.task_id for t in dag.tasks] == [*ROUND_STEPS, "next_round"]
+    assert [t.task_id for t in dag.tasks] == [*ROUND_STEPS, "model_event", "next_round"]
     assert "region" not in spec.canonical_json()
     assert all(step_stores(spec, "train", silo=s.name).region_store is None for s in spec.silos)
 
@@ -128,7 +128,7 @@ def test_regional_dag_maps_the_tier_over_regions_and_points_each_step_at_its_sto
     path = REPO / "dags" / "digits_regions.yaml"
     spec = load_spec(path)
     dag = build_dag(spec, path)
-    assert [t.task_id for t in dag.tasks] == [*REGIONAL_ROUND_STEPS, "next_round"]
+    assert [t.task_id for t in dag.tasks] == [*REGIONAL_ROUND_STEPS, "model_event", "next_round"]
     for before, after in zip(REGIONAL_ROUND_STEPS, REGIONAL_ROUND_STEPS[1:], strict=False):
         assert dag.get_task(after).upstream_task_ids == {before}
     # a region that is down stops neither the other regions' silos nor the global tier

@@ -1,11 +1,12 @@
-# The commands of the README: `make demo` (install + run the example job), `make test`, and
+# The commands of the README: `make demo` (install + run the example job), `make check` (every test,
+# as CI runs them; `make test` without the deployed form), and
 # `make rehearse` (the deployed form: both image environments apart, S3, an MLflow server, Airflow).
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ROUNDS ?= 5
 
-.PHONY: install demo test lint rehearse
+.PHONY: install demo check test test-deployed lint rehearse
 
 $(BIN)/airfed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,8 +21,19 @@ install: $(BIN)/airfed
 demo: install
 	$(BIN)/airfed run dags/digits.yaml --rounds $(ROUNDS)
 
+PYTEST  = $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+
+# The whole suite, what CI runs (.ci/run): lint, the tests and the deployed form (both image
+# environments built under .rehearse/, the rehearsal and its faults).
+check: lint
+	$(PYTEST)
+
+# The developer loop: everything but the deployed form (tests marked `deployed`).
 test: lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PYTEST) -m "not deployed"
+
+test-deployed: install
+	$(PYTEST) -m deployed
 
 # Builds (or reuses, under .rehearse/) the Airflow and fl-task images' environments with
 # images/install_env.py, deploys them on loopback and runs the digits job through the REST API.

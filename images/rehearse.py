@@ -443,6 +443,10 @@ class Deployment:
     s3_port: int = field(default_factory=free_port)
     mlflow_port: int = field(default_factory=free_port)
     airflow_port: int = field(default_factory=free_port)
+    #: the scheduler's and triggerer's log servers: their defaults (8793/8794) would collide with a second
+    #: deployment on the machine (the fault rehearsal beside the plain one in a test run)
+    log_server_port: int = field(default_factory=free_port)
+    trigger_log_server_port: int = field(default_factory=free_port)
     services: list[Service] = field(default_factory=list)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     #: shared by the API server, the scheduler and the DAG processor (the Helm chart's jwtSecret / apiSecretKey)
@@ -497,6 +501,8 @@ class Deployment:
             "AIRFLOW__API__SECRET_KEY": self.api_secret_key,
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(self.airflow_port),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_server_port),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.trigger_log_server_port),
             "AIRFLOW__API__BASE_URL": self.airflow,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow}/execution/",
             # task processes start while the API server warms up on a small machine (Airflow's default: 5s)

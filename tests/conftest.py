@@ -61,12 +61,13 @@ def airflow_db() -> None:
     migrate_airflow_db()
 
 
-#: The slowest modules, slowest first. ``make test`` runs pytest-xdist with ``--dist loadfile
+#: The slowest modules, slowest first. ``make check`` / ``make test`` run pytest-xdist with ``--dist loadfile
 #: --no-loadscope-reorder``: modules go to whichever worker is free in this order (longest first),
 #: so the rehearsal (it builds both image environments from scratch) starts at once instead of
 #: being the tail, and the short modules fill the gaps at the end.
 SLOWEST_FIRST = (
     "tests/test_rehearse.py",
+    "tests/test_rehearse_faults.py",
     "tests/e2e/test_up.py",
     "tests/e2e/test_faults.py",
     "tests/e2e/test_concurrent_runs.py",

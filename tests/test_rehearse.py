@@ -28,7 +28,8 @@ import rehearse  # noqa: E402
 ROUNDS = 2
 
 #: one set of environments for the module: keep its tests on one xdist worker, in file order
-pytestmark = pytest.mark.xdist_group("rehearse")
+#: the deployed form: `make test-deployed` and `make check` run it, `make test` leaves it out
+pytestmark = pytest.mark.deployed
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,8 @@ import rehearse  # noqa: E402
 import rehearse_faults  # noqa: E402
 
 #: the environments are test_rehearse.py's: keep both modules on one xdist worker
-pytestmark = pytest.mark.xdist_group("rehearse")
+#: the deployed form: `make test-deployed` and `make check` run it, `make test` leaves it out
+pytestmark = pytest.mark.deployed
 
 
 @pytest.fixture(scope="module")

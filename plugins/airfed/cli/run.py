@@ -44,7 +44,9 @@ def progress_line(rec: dict[str, Any], seconds: float | None) -> str:
     value = rec.get("promotion_value")
     parts.append(f"val {rec['promotion_metric']} {value:.4f}" if value is not None else "not evaluated")
     champion = rec.get("champion_version")
-    parts.append(f"model v{rec['registry_version']}" + (f" (champion v{champion})" if champion is not None else ""))
+    held = "awaiting approval" if rec.get("awaiting_approval") else None
+    status = "; ".join(filter(None, [held, f"champion v{champion}" if champion is not None else None]))
+    parts.append(f"model v{rec['registry_version']}" + (f" ({status})" if status else ""))
     if seconds is not None:
         parts.append(f"{seconds:.1f}s")
     return " | ".join(parts)
@@ -61,6 +63,7 @@ def round_entry(rec: dict[str, Any], seconds: float) -> dict[str, Any]:
         "metrics": rec["metrics"],
         "registry_version": rec["registry_version"],
         "champion_version": rec["champion_version"],
+        "awaiting_approval": bool(rec.get("awaiting_approval")),
         "seconds": seconds,
     }
 
@@ -236,6 +239,12 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         print(f"  registry: models:/{spec.model_name}/{last['registry_version']} "
               + (f"(champion: models:/{spec.model_name}@champion = v{champion})" if champion is not None
                  else "(no champion yet)"), file=out)
+        from fl_tasks.contract import approval_dag_id
+
+        pending = [r["registry_version"] for r in records if r.get("awaiting_approval")]
+        if pending:
+            print(f"  approval: v{', v'.join(map(str, pending))} await a person's approval in DAG "
+                  f"{approval_dag_id(spec.job)} (answer under `airfed up`: Airflow UI, Required actions)", file=out)
     print(f"  summary:  {reports / 'summary.json'}"
           + (f"\n  plot:     {summary['convergence_plot']}" if "convergence_plot" in summary else ""), file=out)
     if not ok:

@@ -69,3 +69,10 @@ def test_progress_line():
         "round   3 | silos 2/3 accepted (rejected: asia) | train loss 0.4100 | val accuracy 0.9100 "
         "| model v3 (champion v2) | 4.2s"
     )
+
+
+def test_progress_line_says_a_candidate_awaits_approval():
+    rec = {"round": 2, "accepted": ["us"], "rejected": {}, "train_loss": None, "promotion_metric": "accuracy",
+           "promotion_value": 0.93, "registry_version": 2, "champion_version": None, "awaiting_approval": True}
+    assert progress_line(rec, None).endswith("| model v2 (awaiting approval)")
+    assert progress_line({**rec, "champion_version": 1}, None).endswith("| model v2 (awaiting approval; champion v1)")

@@ -12,13 +12,14 @@ recomputes the same keys.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from fl_tasks import commit
 from fl_tasks.aggregation import aggregate_files
 from fl_tasks.faults import crash_point
 from fl_tasks.guards import check_with_spec_guards
 from fl_tasks.privacy import add_gaussian_noise, clip_file, noise_stddev
-from fl_tasks.records import AcceptedUpdate, ObjectRef, Plan, Result, Verdict
+from fl_tasks.records import AcceptedUpdate, Head, ObjectRef, Plan, Result, Verdict
 from fl_tasks.spec import Quorum
 from fl_tasks.steps.common import StepEnv, current_manifest, log, missing_update_reason, now, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch
@@ -92,19 +93,7 @@ def run(env: StepEnv) -> None:
             strategy.name, strategy.params, inputs, out,
             global_path=global_path, state_in=state_in, state_out=state_out,
         )
-        if info.get("state_reset"):
-            log(f"round {r}: {info['state_reset']}")
-        server_state = None
-        if info["state_written"]:
-            state_key = env.keys.server_state(r)
-            server_state = ObjectRef(key=state_key, sha256=env.store.put_file(state_key, state_out))
-        dp = plan.differential_privacy
-        if dp:
-            stddev = noise_stddev(dp.noise_multiplier, dp.clipping_norm, len(inputs))
-            add_gaussian_noise(out, stddev)
-            log(f"round {r}: differential privacy ({dp.mode}-side clipping): Gaussian noise std {stddev:.4g}")
-        new_key = env.keys.global_model(r + 1)
-        new_global = ObjectRef(key=new_key, sha256=env.store.put_file(new_key, out))
+        server_state, new_global = store_new_global(env, plan, info, out, state_out, len(inputs))
 
     result = Result(
         job=env.args.job,
@@ -122,17 +111,44 @@ def run(env: StepEnv) -> None:
         server_state=server_state,
         committed_at=now(),
     )
+    commit_result(env, result, head, head_version)
+    log(
+        f"round {r}: {strategy.name} over {len(accepted)} update(s) "
+        f"({', '.join(accepted)}); committed global {new_global.sha256[:12]}"
+    )
+    write_result(_summary(result))
+
+
+def store_new_global(env: StepEnv, plan: Plan, info: dict[str, Any], out: Path, state_out: Path,
+                     n_updates: int) -> tuple[ObjectRef | None, ObjectRef]:
+    """What follows the aggregation, alike for a flat and a regional round: the server optimiser's new
+    state stored, server-side DP noise added once (scaled by all ``n_updates`` aggregated updates),
+    the new global stored. Returns (server state, new global) as the result records them."""
+    r = plan.round
+    if info.get("state_reset"):
+        log(f"round {r}: {info['state_reset']}")
+    server_state = None
+    if info["state_written"]:
+        state_key = env.keys.server_state(r)
+        server_state = ObjectRef(key=state_key, sha256=env.store.put_file(state_key, state_out))
+    dp = plan.differential_privacy
+    if dp:
+        stddev = noise_stddev(dp.noise_multiplier, dp.clipping_norm, n_updates)
+        add_gaussian_noise(out, stddev)
+        log(f"round {r}: differential privacy ({dp.mode}-side clipping): Gaussian noise std {stddev:.4g}")
+    new_key = env.keys.global_model(r + 1)
+    return server_state, ObjectRef(key=new_key, sha256=env.store.put_file(new_key, out))
+
+
+def commit_result(env: StepEnv, result: Result, head: Head | None, head_version: str | None) -> None:
+    """Commit the round (result.json created, then HEAD moved, both conditionally); a writer that lost
+    the round to another run records the loss, changes nothing else, and fails."""
     try:
         commit.commit_round(env.store, env.keys, result, head, head_version,
                             before_head=lambda: crash_point("aggregate:before-head"))
     except commit.RoundConflict as conflict:
         commit.record_lost(env.store, env.keys, conflict)
         raise
-    log(
-        f"round {r}: {strategy.name} over {len(accepted)} update(s) "
-        f"({', '.join(accepted)}); committed global {new_global.sha256[:12]}"
-    )
-    write_result(_summary(result))
 
 
 def _checked_update(env: StepEnv, plan: Plan, name: str, global_path: Path,

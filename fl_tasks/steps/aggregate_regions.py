@@ -15,10 +15,9 @@ from pathlib import Path
 
 from fl_tasks import commit
 from fl_tasks.aggregation.partials import global_from_partials
-from fl_tasks.faults import crash_point
-from fl_tasks.privacy import add_gaussian_noise, noise_stddev
 from fl_tasks.records import AcceptedUpdate, Head, ObjectRef, Plan, RegionOutcome, RegionPartial, Result
 from fl_tasks.spec import EXACT_REGION_STRATEGIES, AcrossRegions
+from fl_tasks.steps.aggregate import commit_result, store_new_global
 from fl_tasks.steps.common import StepEnv, log, now, scratch_dir, write_result
 from fl_tasks.store import ChecksumMismatch, sha256_bytes
 
@@ -116,31 +115,15 @@ def run(env: StepEnv, plan: Plan, head: Head | None, head_version: str | None) -
         out = tmp / "new_global.safetensors"
         info = global_from_partials(strategy.name, strategy.params, partials, out, kind=kind, rule=across.rule,
                                     global_path=global_path, state_in=state_in, state_out=state_out, scratch=tmp)
-        if info.get("state_reset"):
-            log(f"round {r}: {info['state_reset']}")
-        server_state = None
-        if info["state_written"]:
-            state_key = env.keys.server_state(r)
-            server_state = ObjectRef(key=state_key, sha256=env.store.put_file(state_key, state_out))
-        dp = plan.differential_privacy
-        if dp:  # once, at the global level, over every accepted update of every region
-            stddev = noise_stddev(dp.noise_multiplier, dp.clipping_norm, len(accepted))
-            add_gaussian_noise(out, stddev)
-            log(f"round {r}: differential privacy ({dp.mode}-side clipping): Gaussian noise std {stddev:.4g}")
-        new_key = env.keys.global_model(r + 1)
-        new_global = ObjectRef(key=new_key, sha256=env.store.put_file(new_key, out))
+        # DP noise once, at the global level, over every accepted update of every region
+        server_state, new_global = store_new_global(env, plan, info, out, state_out, len(accepted))
     result = Result(
         job=env.args.job, round=r, dag_run_id=plan.dag_run_id, committed=True, sampled=plan.sampled_silos,
-        strategy=strategy, differential_privacy=dp, accepted=accepted, rejected=rejected,
+        strategy=strategy, differential_privacy=plan.differential_privacy, accepted=accepted, rejected=rejected,
         input_global=plan.input_global, new_global=new_global, server_state_in=state_in_ref,
         server_state=server_state, committed_at=now(), regions=outcomes,
     )
-    try:
-        commit.commit_round(env.store, env.keys, result, head, head_version,
-                            before_head=lambda: crash_point("aggregate:before-head"))
-    except commit.RoundConflict as conflict:
-        commit.record_lost(env.store, env.keys, conflict)
-        raise
+    commit_result(env, result, head, head_version)
     log(f"round {r}: {strategy.name} over {len(contributed)} region(s) ({', '.join(contributed)}), "
         f"{len(accepted)} update(s); committed global {new_global.sha256[:12]}")
     write_result({

@@ -14,31 +14,10 @@ import os
 from pathlib import Path
 
 import pytest
-from airfed.runners.local import LocalStepOperator
 from helpers import REPO, small_example_spec
+from recorded_operator import RecordedStepOperator
 
 ROUNDS = 2
-
-
-class _TaskLog:
-    """Stands in for the task logger: the runner's own lines (which launcher ran the step)."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def info(self, message: str, *args: object) -> None:
-        self.messages.append(message % args if args else message)
-
-    def warning(self, *_args: object, **_kwargs: object) -> None:
-        """("execute cannot be called outside of the Task Runner"): not the step's output."""
-
-    error = debug = exception = warning
-
-
-class _Task(LocalStepOperator):
-    @property
-    def log(self) -> _TaskLog:
-        return self.__dict__.setdefault("_task_log", _TaskLog())
 
 
 def run_rounds(spec_path: Path, home: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
@@ -59,7 +38,7 @@ def run_rounds(spec_path: Path, home: Path, kind: str, monkeypatch: pytest.Monke
         assert prepare_data.main([spec.step_payload()]) == 0  # the silos' data (seeded), not under test
 
         def execute(call) -> dict:
-            task = _Task(task_id=f"{call.step}-{call.silo or 'server'}", step=call.step, argv=call.argv,
+            task = RecordedStepOperator(task_id=f"{call.step}-{call.silo or 'server'}", step=call.step, argv=call.argv,
                          env=call.env, silo=call.silo)
             result = task.execute({})
             assert task.log.messages[0].endswith(f"({kind})"), task.log.messages[0]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 from round_steps import REPO
 
 from fl_tasks import commit
@@ -26,3 +28,15 @@ def job(airfed_home: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv(commit.WAIT_ENV, raising=False)
     monkeypatch.delenv(commit.LEASE_ENV, raising=False)
     return spec.job
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowClient]:
+    """A module's MLflow SQLite store, as the steps find it (created once per module: its migrations
+    take seconds); the client to read what they recorded."""
+    root = tmp_path_factory.mktemp("mlflow")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("AIRFED_MLFLOW_ARTIFACTS", (root / "artifacts").as_uri())
+    yield MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    mp.undo()

@@ -62,17 +62,6 @@ def test_any_real_value_beats_a_nan_champion(direction):
 # --- the register step over a real MLflow store -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    """One MLflow SQLite store for the module (created once: its migrations take seconds)."""
-    root = tmp_path_factory.mktemp("mlflow")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("AIRFED_MLFLOW_ARTIFACTS", (root / "artifacts").as_uri())
-    yield MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    mp.undo()
-
-
 def _champion(c: MlflowClient, job: Job) -> int:
     return int(c.get_model_version_by_alias(job.model_name, lineage.CHAMPION).version)
 

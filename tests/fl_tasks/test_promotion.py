@@ -15,17 +15,6 @@ from fl_tasks import lineage, promotion
 from fl_tasks.records import ApprovalRecord, ChampionRecord
 
 
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    """One MLflow SQLite store for the module (created once: its migrations take seconds)."""
-    root = tmp_path_factory.mktemp("mlflow")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("AIRFED_MLFLOW_ARTIFACTS", (root / "artifacts").as_uri())
-    yield MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    mp.undo()
-
-
 def champion(c: MlflowClient, job: Job) -> int | None:
     found = lineage.champion(c, job.model_name)
     return int(found.version) if found else None

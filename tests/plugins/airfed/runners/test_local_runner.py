@@ -20,6 +20,7 @@ import pytest
 from airfed.runners.local import LocalStepOperator, local_task
 from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 from helpers import EXAMPLE_SPEC, REPO, TESTS, gone, stop_warm_servers
+from recorded_operator import RecordedStepOperator
 
 from fl_tasks.warm import SubprocessLauncher, WarmLauncher, launcher_from_env, step_command, step_python
 
@@ -72,29 +73,6 @@ def launcher_kind(request, monkeypatch, warm_dir, tmp_path) -> str:
     monkeypatch.setenv("AIRFED_WARM_DIR", str(warm_dir))  # one server for the module's warm tests
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([HELPER_PATH, str(REPO)]))
     return request.param
-
-
-class TaskLog:
-    """Stands in for the task's logger: what the runner writes to the task log, message by message."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-
-    def info(self, message: str, *args: object) -> None:
-        self.messages.append(message % args if args else message)
-
-    def warning(self, *_args: object, **_kwargs: object) -> None:
-        """Not the step's output (e.g. "execute cannot be called outside of the Task Runner")."""
-
-    error = debug = exception = warning
-
-
-class RecordedStepOperator(LocalStepOperator):
-    @property
-    def log(self) -> TaskLog:
-        if "_task_log" not in self.__dict__:
-            self.__dict__["_task_log"] = TaskLog()
-        return self.__dict__["_task_log"]
 
 
 def helper_task(*args: str, **kwargs) -> RecordedStepOperator:

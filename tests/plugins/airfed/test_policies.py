@@ -18,6 +18,7 @@ from helpers import EXAMPLE_SPEC
 
 from fl_tasks.policies import (
     JobPolicies,
+    JobStores,
     PolicyError,
     StoreLocation,
     allows,
@@ -136,7 +137,8 @@ def test_the_isolation_check_catches_a_policy_too_wide(digits):
     policy = result.policies["digits-silo-a"]
     policy["Statement"][1]["Resource"][0] = policy["Statement"][1]["Resource"][0].replace("/a.safetensors", "/a*")
     with pytest.raises(PolicyError, match=r"digits-silo-a: s3:PutObject on .*updates/ab\.safetensors would be allowed"):
-        check_isolation(result, {"a": StoreLocation("airfed", "fl"), "ab": StoreLocation("airfed", "fl")})
+        store = StoreLocation("airfed", "fl")
+        check_isolation(result, JobStores(job=store, silos={"a": store, "ab": store}))
 
 
 @pytest.mark.parametrize("url, message", [

@@ -41,6 +41,7 @@ Pure (stdlib and the spec model): the Airflow side imports it for the CLI.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -355,6 +356,7 @@ def generate(spec: JobSpec, fmt: Format = "aws", default_store: str = DEFAULT_ST
 
 
 # -- evaluation: the S3 wildcard rule, used to prove the policies instead of trusting them -----------
+@functools.lru_cache(maxsize=4096)  # the isolation check asks about the same patterns thousands of times
 def _wildcard(pattern: str) -> re.Pattern[str]:
     """An S3 policy pattern as a regex: ``*`` any run of characters (``/`` included), ``?`` one."""
     return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern) + r"\Z",

@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from fl_tasks.regions import silos_of, step_stores
-from fl_tasks.spec import JobSpec, Region
+from fl_tasks.regions import silos_of, step_stores, store_secrets
+from fl_tasks.spec import JobSpec, Placement, Region, SecretRef
 from fl_tasks.store.base import JobKeys
 
 Format = Literal["aws", "minio"]
@@ -431,19 +431,22 @@ def check_isolation(result: JobPolicies, where: JobStores) -> None:
 def credential_sharing(spec: JobSpec) -> list[str]:
     """Where the spec's placements let one identity's pods hold another's store key, whatever the
     policies say: a Secret named by several placements in one namespace, and namespaces several
-    identities share (a pod may mount any Secret of its namespace). Meant as warnings: a Secret
+    identities share (a pod may mount any Secret of its namespace), regional aggregators and the
+    ``store_secrets`` of regions included. Meant as warnings: a Secret
     shared on purpose (e.g. an image registry's) is not a store key. Only the kubernetes runner
     keeps identities apart: the local one runs every step with the worker's environment."""
     if spec.runner != "kubernetes":
         return []
     secrets: dict[tuple[str | None, str | None, str], list[str]] = {}
     namespaces: dict[tuple[str | None, str | None], list[str]] = {}
-    placements = [("the server steps", spec.placement)] + [(f"silo {s.name}", s.placement) for s in spec.silos]
-    for who, placement in placements:
+    placements: list[tuple[str, Placement, list[SecretRef]]] = [("the server steps", spec.placement, [])]
+    placements += [(f"silo {s.name}", s.placement, store_secrets(spec, silo=s.name)) for s in spec.silos]
+    placements += [(f"region {r.name}'s aggregator", r.placement, list(r.store_secrets)) for r in spec.regions]
+    for who, placement, region_secrets in placements:  # a region's store_secrets reach its silos and aggregator
         where = (placement.kubernetes_conn_id, placement.namespace)
         namespaces.setdefault(where, []).append(who)
-        for ref in placement.secrets:
-            secrets.setdefault((*where, ref.secret), []).append(who)
+        for secret in dict.fromkeys(ref.secret for ref in [*placement.secrets, *region_secrets]):
+            secrets.setdefault((*where, secret), []).append(who)
     problems = [f"Secret {secret!r} (namespace {ns or 'default'}) is given to {' and '.join(who)}: if it holds "
                 "store credentials, each needs a key (and Secret) of its own"
                 for (_, ns, secret), who in secrets.items() if len(who) > 1]

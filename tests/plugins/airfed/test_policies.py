@@ -358,3 +358,22 @@ def test_cli_takes_each_region_s_store(tmp_path: Path, capsys, monkeypatch):
     assert f"{tmp_path / 'digits_regions-region-eu.json'}: s3://central/fl, s3://fl-eu" in out.err
     assert airfed(["policies", str(spec), "--region-store", "us"]) == 1
     assert "--region-store 'us': expected NAME=s3://bucket/prefix" in capsys.readouterr().err
+
+
+def test_a_region_s_store_secret_shared_with_its_aggregator_is_named(digits_regions):
+    """A region's ``store_secrets`` reach its silos' pods and its aggregator's: in one namespace, one key."""
+    from fl_tasks.policies import credential_sharing
+    from fl_tasks.spec import SecretRef
+
+    def placed(thing, namespace):
+        return thing.model_copy(update={"placement": thing.placement.model_copy(update={"namespace": namespace})})
+
+    silos = [placed(s, "fl-eu" if s.name == "eu-berlin" else f"fl-{s.name}") for s in digits_regions.silos]
+    regions = [placed(r, f"fl-{r.name}").model_copy(update={"store_secrets": [SecretRef(secret=f"{r.name}-store")]})
+               for r in digits_regions.regions]
+    spec = digits_regions.model_copy(update={"runner": "kubernetes", "silos": silos, "regions": regions})
+    assert credential_sharing(spec) == [
+        "Secret 'eu-store' (namespace fl-eu) is given to silo eu-berlin and region eu's aggregator: if it holds "
+        "store credentials, each needs a key (and Secret) of its own",
+        "silo eu-berlin and region eu's aggregator run in one namespace (fl-eu): their pods could mount each "
+        "other's Secrets; give each silo a namespace of its own"]

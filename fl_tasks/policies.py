@@ -1,6 +1,6 @@
 """Least-privilege S3 access policies of a job, generated from its spec (``airfed policies``).
 
-Three kinds of identity touch a job's objects in the store (:class:`~fl_tasks.store.JobKeys`):
+Four kinds of identity touch a job's objects in the store (:class:`~fl_tasks.store.JobKeys`):
 
 - **a silo** (its train, validate and evaluate steps) reads the round's ``plan.json``, its
   ``global.safetensors``, ``result.json`` (evaluate learns the new global from it) and ``HEAD.json``
@@ -122,10 +122,13 @@ def store_url(spec: JobSpec, silo: str | None, default: str) -> str:
     return env.get(STORE_URL_ENV) or default
 
 
-def region_store_url(spec: JobSpec, region: Region, default: str, overrides: Mapping[str, str]) -> str | None:
+def region_store_url(spec: JobSpec, region: Region, overrides: Mapping[str, str]) -> str | None:
     """The store URL of ``region``'s own store (None: it keeps its objects in the job's store);
     ``overrides`` (region -> URL) stands in for a store the spec names as ``file://`` on a dev machine."""
     url = step_stores(spec, "aggregate_region", region=region.name).region_store
+    if url is None and region.name in overrides:
+        raise PolicyError(f"region {region.name} has no `store` of its own (its objects stay in the job's "
+                          "store): a --region-store for it would name a store its steps never use")
     return overrides.get(region.name, url) if url is not None else None
 
 
@@ -306,7 +309,7 @@ def locate(spec: JobSpec, default_store: str = DEFAULT_STORE_URL,
                           f"given for it); regions: {', '.join(r.name for r in spec.regions) or 'none'}")
     regions: dict[str, StoreLocation | None] = {}
     for region in spec.regions:
-        url = region_store_url(spec, region, default_store, overrides)
+        url = region_store_url(spec, region, overrides)
         if url is not None and not url.startswith("s3://"):
             raise PolicyError(f"region {region.name}: store {url!r} is not an s3://bucket/prefix store; access "
                               "policies exist only for S3/MinIO: give the region's deployed store "
@@ -397,7 +400,7 @@ def check_isolation(result: JobPolicies, where: JobStores) -> None:
         for r in (1, 12):
             for other in where.silos:
                 for key_of in per_silo_keys(keys):
-                    key, arn = key_of(r, other), store.arn(key_of(r, other))
+                    arn = store.arn(key_of(r, other))
                     for silo, name in result.silo_names.items():
                         for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject"):
                             _expect(result, name, action, arn, other == silo and store == where.silos[silo])

@@ -332,15 +332,20 @@ def test_the_isolation_check_catches_a_regional_policy_too_wide(digits_regions):
         check_isolation(result, locate(digits_regions, JOB_STORE, REGION_STORES))
 
 
-@pytest.mark.parametrize("stores, message", [
-    ({}, r"region us: store 'file://\$\{AIRFED_HOME\}/regions/us' is not an s3://bucket/prefix store.*"
-         r"--region-store us=s3://"),
-    ({**REGION_STORES, "eu": JOB_STORE + "/"}, "region eu: its store s3://central/fl is the job's store"),
-    ({**REGION_STORES, "mars": "s3://m"}, "job digits_regions has no region 'mars'"),
+@pytest.mark.parametrize("stores, asia_has_a_store, message", [
+    ({}, True, r"region us: store 'file://\$\{AIRFED_HOME\}/regions/us' is not an s3://bucket/prefix store.*"
+               r"--region-store us=s3://"),
+    ({**REGION_STORES, "eu": JOB_STORE + "/"}, True, "region eu: its store s3://central/fl is the job's store"),
+    ({**REGION_STORES, "mars": "s3://m"}, True, "job digits_regions has no region 'mars'"),
+    ({**REGION_STORES, "asia": "s3://a"}, False, "region asia has no `store` of its own"),
 ])
-def test_a_region_store_a_policy_cannot_name_is_an_error_naming_it(digits_regions, stores, message):
+def test_a_region_store_a_policy_cannot_name_is_an_error_naming_it(digits_regions, stores, asia_has_a_store, message):
+    spec = digits_regions
+    if not asia_has_a_store:
+        spec = spec.model_copy(update={"regions": [
+            r.model_copy(update={"store": None}) if r.name == "asia" else r for r in spec.regions]})
     with pytest.raises(PolicyError, match=message):
-        generate(digits_regions, "aws", JOB_STORE, stores)
+        generate(spec, "aws", JOB_STORE, stores)
 
 
 def test_cli_takes_each_region_s_store(tmp_path: Path, capsys, monkeypatch):

@@ -1,4 +1,6 @@
-"""``airfed policies SPEC [--format aws|minio] [--store-url URL] [--out DIR]``: the job's S3 policies.
+"""``airfed policies SPEC [--format aws|minio] [--store-url URL] [--region-store NAME=URL] [--out DIR]``.
+
+The job's S3 policies.
 
 Prints one JSON object: policy name -> policy document, one per silo (``<job>-silo-<silo>``), one
 per regional aggregator in a job with regions (``<job>-region-<region>``), one for the server steps
@@ -61,7 +63,8 @@ def region_stores(pairs: list[str]) -> dict[str, str]:
 
 def add_commands(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "policies", help="print the job's least-privilege S3 policies: one per silo, the server's, the UI's"
+        "policies",
+        help="print the job's least-privilege S3 policies: one per silo and per region, the server's, the UI's",
     )
     parser.add_argument("spec")
     parser.add_argument("--format", choices=FORMATS, default="aws",

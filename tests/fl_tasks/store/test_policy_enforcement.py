@@ -10,7 +10,11 @@ with the policy ``fl_tasks.policies`` generates for it (AWS format). Then:
 - a whole round (distribute, train, validate, aggregate, evaluate, register) commits with every
   step holding only its own identity's key, while a silo's attempt to overwrite another silo's
   update is refused and leaves no trace in the round's result; a second round moves HEAD by a
-  conditional replace (If-Match), allowed to the server's key as plain ``s3:PutObject``.
+  conditional replace (If-Match), allowed to the server's key as plain ``s3:PutObject``;
+- a round of a job with regions (dags/digits_regions.yaml, each region's store a bucket or prefix of
+  its own on the same server) commits with every silo, regional aggregator and the server on its own
+  key, while a silo of region eu cannot write into region us's store or the job's partials, and the
+  server's key cannot read a region's store.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from contextlib import contextmanager
 
 import pytest
 from airfed.spec import load_spec
-from helpers import EXAMPLE_SPEC
+from helpers import EXAMPLE_SPEC, REPO
 from minio.credentials import StaticProvider
 from minio.error import S3Error
 from round_steps import SILOS, step
 from s3_server import _CLEARED, EnforcingS3, enforcing_s3_server
 
-from fl_tasks.policies import JobPolicies, generate
-from fl_tasks.records import Head, Manifest, RegistrySummary, Result, Verdict
+from fl_tasks import prepare_data
+from fl_tasks.__main__ import main as step_main
+from fl_tasks.contract import SPEC_ENV
+from fl_tasks.policies import JobPolicies, StoreLocation, generate
+from fl_tasks.records import Head, Manifest, RegionPartial, RegistrySummary, Result, Verdict
+from fl_tasks.regions import REGION_STORE_URL_ENV, silos_of
 from fl_tasks.store import JobKeys, ObjectMissing, StoreError
 from fl_tasks.store.s3 import MIB, S3Store
 
@@ -41,8 +49,9 @@ MOTO_HEAD_BUCKET = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Action": ["s3:HeadBucket"], "Resource": [f"arn:aws:s3:::{BUCKET}"]}]}
 
 
-def store_as(s3: EnforcingS3, creds: dict[str, str]) -> S3Store:
-    return S3Store(BUCKET, PREFIX, endpoint=s3.endpoint, region="us-east-1", retries=0,
+def store_as(s3: EnforcingS3, creds: dict[str, str], at: StoreLocation | None = None) -> S3Store:
+    at = at or StoreLocation(BUCKET, PREFIX)
+    return S3Store(at.bucket, at.prefix, endpoint=s3.endpoint, region="us-east-1", retries=0,
                    credentials=StaticProvider(creds["AWS_ACCESS_KEY_ID"], creds["AWS_SECRET_ACCESS_KEY"]))
 
 
@@ -129,12 +138,16 @@ def test_a_large_update_goes_up_in_parts_with_the_silo_key(enforcing_s3, identit
 
 
 @contextmanager
-def acting_as(monkeypatch: pytest.MonkeyPatch, endpoint: str, creds: dict[str, str]) -> Iterator[None]:
-    """The env a step's pod would get: the store and this identity's key, nothing else."""
+def acting_as(monkeypatch: pytest.MonkeyPatch, endpoint: str, creds: dict[str, str],
+              store: str = f"s3://{BUCKET}/{PREFIX}", region_store: str | None = None) -> Iterator[None]:
+    """The env a step's pod would get: the store(s) and this identity's key, nothing else."""
     with monkeypatch.context() as env:
         for name in _CLEARED:
             env.delenv(name, raising=False)
-        env.setenv("AIRFED_STORE_URL", f"s3://{BUCKET}/{PREFIX}")
+        env.delenv(REGION_STORE_URL_ENV, raising=False)
+        if region_store:
+            env.setenv(REGION_STORE_URL_ENV, region_store)
+        env.setenv("AIRFED_STORE_URL", store)
         env.setenv("AWS_ENDPOINT_URL", endpoint)
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         env.setenv("AIRFED_S3_RETRIES", "0")
@@ -204,3 +217,97 @@ def test_a_round_commits_with_every_step_on_its_own_key(job, enforcing_s3, ident
         assert step("aggregate", job, "manual__enforced-2", 2) == 0
     head = ui.get_record(keys.head, Head)
     assert head.round == 2 and head.dag_run_id == "manual__enforced-2"
+
+
+#: Each region's store on the enforcing server: us and eu in buckets of their own, asia beside the
+#: job's objects in the job's bucket (another prefix), so the prefixes must keep them apart too.
+REGION_STORES = {"us": "s3://region-us/fl", "eu": "s3://region-eu", "asia": f"s3://{BUCKET}/asia"}
+
+
+@pytest.mark.usefixtures("identities")  # the job's bucket
+def test_a_regional_round_commits_with_every_region_on_its_own_keys(airfed_home, enforcing_s3, monkeypatch):
+    """distribute → per region (distribute_region, train + validate of its silos, aggregate_region) →
+    aggregate → per region (publish_region, evaluate, collect_region) → register, each step with the key
+    of the identity that runs it in the deployment; then eu's keys try to reach beyond region eu."""
+    spec = load_spec(REPO / "dags" / "digits_regions.yaml")
+    spec = spec.model_copy(update={
+        "training": {**spec.training, "local-epochs": 1},
+        "regions": [r.model_copy(update={"store": REGION_STORES[r.name]}) for r in spec.regions]})
+    payload = spec.step_payload()
+    assert prepare_data.main([payload]) == 0
+    monkeypatch.setenv(SPEC_ENV, payload)
+    for bucket in ("region-us", "region-eu"):
+        enforcing_s3.create_bucket(bucket)
+    job_url = f"s3://{BUCKET}/{PREFIX}"
+    result = generate(spec, "aws", job_url)
+    users = {name: enforcing_s3.create_user(name, policy, *([MOTO_HEAD_BUCKET] if name == result.server else []))
+             for name, policy in result.policies.items()}
+    job, keys, run = spec.job, JobKeys(spec.job), "manual__regions"
+
+    def run_as(policy: str, argv: list[str], **stores: str) -> int:
+        with acting_as(monkeypatch, enforcing_s3.endpoint, users[policy], **stores):
+            return step_main([*argv, "--job", job, "--round", "1", "--run-id", run])
+
+    def regional(name: str, region: str) -> int:
+        return run_as(result.region_names[region], [name, "--region", region], region_store=REGION_STORES[region])
+
+    def per_silo(name: str, silo: str, region: str) -> int:
+        return run_as(result.silo_names[silo], [name, "--silo", silo], store=REGION_STORES[region])
+
+    assert run_as(result.server, ["distribute"]) == 0
+    for region in spec.regions:
+        assert regional("distribute_region", region.name) == 0
+        for silo in silos_of(spec, region.name):
+            assert per_silo("train", silo.name, region.name) == 0
+            assert per_silo("validate", silo.name, region.name) == 0
+
+    # eu-berlin's key: nothing of region us, nothing of the job's store (partials, its own update there)
+    stores = {name: StoreLocation.parse(url, name) for name, url in REGION_STORES.items()}
+    berlin = users[result.silo_names["eu-berlin"]]
+    as_berlin = {name: store_as(enforcing_s3, berlin, at) for name, at in stores.items()}
+    as_berlin["job"] = store_as(enforcing_s3, berlin)
+    forged = as_berlin["eu"].get_bytes(keys.update(1, "eu-berlin"))  # its own update: readable in its store
+    refused(lambda: as_berlin["us"].put_bytes(keys.update(1, "us-east"), forged))
+    refused(lambda: as_berlin["us"].put_bytes(keys.update(1, "eu-berlin"), forged))
+    refused(lambda: as_berlin["us"].get_bytes(keys.update(1, "us-east")))
+    refused(lambda: as_berlin["asia"].put_bytes(keys.update(1, "asia-tokyo"), forged))
+    for region in ("us", "eu"):
+        refused(lambda region=region: as_berlin["job"].put_bytes(f"{keys.round_dir(1)}/regions/{region}.json", b"{}"))
+    refused(lambda: as_berlin["job"].put_bytes(keys.update(1, "eu-berlin"), forged))
+    refused(lambda: as_berlin["eu"].put_bytes(keys.update(1, "eu-paris"), forged))
+    # region eu's aggregator key: not us's silos, not us's partial
+    eu_aggregator = users[result.region_names["eu"]]
+    refused(lambda: store_as(enforcing_s3, eu_aggregator, stores["us"]).get_bytes(keys.update(1, "us-east")))
+    refused(lambda: store_as(enforcing_s3, eu_aggregator).put_bytes(f"{keys.round_dir(1)}/regions/us.json", b"{}"))
+
+    for region in spec.regions:
+        assert regional("aggregate_region", region.name) == 0
+    assert run_as(result.server, ["aggregate"]) == 0
+    for region in spec.regions:
+        assert regional("publish_region", region.name) == 0
+        for silo in silos_of(spec, region.name):
+            assert per_silo("evaluate", silo.name, region.name) == 0
+        assert regional("collect_region", region.name) == 0
+    assert run_as(result.server, ["register"]) == 0
+
+    ui = store_as(enforcing_s3, users[result.ui])
+    head = ui.get_record(keys.head, Head)
+    committed = ui.get_record(keys.result(1), Result, head.result_sha256)
+    assert head.round == 1 and committed.committed and committed.regions is not None
+    assert {n for n, o in committed.regions.items() if o.contributed} == {"us", "eu", "asia"}
+    assert sorted(committed.accepted) == sorted(s.name for s in spec.silos)
+    for silo in spec.silos:  # updates stayed home; their JSON records came up; the honest update was used
+        assert not ui.exists(keys.update(1, silo.name))
+        assert ui.get_record(keys.verdict(1, silo.name), Verdict).accepted
+        assert ui.exists(keys.evaluation(1, silo.name))
+        home = store_as(enforcing_s3, users[result.region_names[silo.region or ""]], stores[silo.region or ""])
+        assert committed.accepted[silo.name].sha256 == home.get_record(keys.manifest(1, silo.name), Manifest).sha256
+    eu = ui.get_record(keys.result(1), Result).regions["eu"]
+    assert eu.record is not None and ui.get_record(eu.record.key, RegionPartial).accepted.keys() == {"eu-berlin",
+                                                                                                      "eu-paris"}
+    assert ui.get_record(keys.registry(1), RegistrySummary).registry_version == 1
+    # residency: the server's and the UI's keys cannot read a region's store, even asia's in the job's bucket
+    for name in (result.server, result.ui):
+        for region in ("eu", "asia"):
+            refused(lambda name=name, region=region: store_as(enforcing_s3, users[name], stores[region]).get_bytes(
+                keys.update(1, f"{region}-tokyo" if region == "asia" else "eu-berlin")))

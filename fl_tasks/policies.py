@@ -170,12 +170,9 @@ def silo_objects(keys: JobKeys, silo: str) -> list[str]:
 
 
 def partial_keys(keys: JobKeys, region: str) -> list[str]:
-    """A region's partial aggregate and its record in the job's store, in any round (the names
-    :func:`fl_tasks.steps.regional.partial_key` gives; the tests hold the two together)."""
-    def of(ext: str) -> str:
-        return any_round(keys, lambda r: f"{keys.round_dir(r)}/regions/{region}.{ext}")
-
-    return [of("safetensors"), of("json")]
+    """A region's partial aggregate and its record in the job's store, in any round."""
+    return [any_round(keys, lambda r: keys.partial(r, region)),
+            any_round(keys, lambda r: keys.partial_record(r, region))]
 
 
 def copied_up(keys: JobKeys, silo: str) -> list[str]:
@@ -412,7 +409,7 @@ def check_isolation(result: JobPolicies, where: JobStores) -> None:
                         _expect(result, name, "s3:PutObject", arn, own and store == where.job != home
                                 and key_of != keys.update)
             for region in where.regions:
-                for key in (f"{keys.round_dir(r)}/regions/{region}.{ext}" for ext in ("safetensors", "json")):
+                for key in (keys.partial(r, region), keys.partial_record(r, region)):
                     for name in [*result.silo_names.values(), result.ui]:
                         _expect(result, name, "s3:PutObject", store.arn(key), False)
                     for other, name in result.region_names.items():

@@ -20,7 +20,7 @@ from fl_tasks.records import AcceptedUpdate, ObjectRef, RegionPartial
 from fl_tasks.spec import EXACT_REGION_STRATEGIES
 from fl_tasks.steps.aggregate import _checked_update
 from fl_tasks.steps.common import StepEnv, log, scratch_dir, write_result
-from fl_tasks.steps.regional import RegionEnv, partial_key
+from fl_tasks.steps.regional import RegionEnv
 
 
 def run(env: StepEnv) -> None:
@@ -51,7 +51,7 @@ def run(env: StepEnv) -> None:
         if len(accepted) < need:
             reason = (f"region {entry.name} below its quorum: {len(accepted)} accepted update(s) "
                       f"({', '.join(accepted) or 'none'}) of {len(sampled)}, quorum needs {need}")
-            env.store.put_record(partial_key(env, r, entry.name, "json"), RegionPartial(
+            env.store.put_record(env.keys.partial_record(r, entry.name), RegionPartial(
                 **head, contributed=False, reason=reason, accepted=accepted, rejected=rejected))
             log(f"round {r}: {reason}; the region contributes nothing")
             write_result({"round": r, "region": entry.name, "contributed": False, "reason": reason,
@@ -63,11 +63,11 @@ def run(env: StepEnv) -> None:
             kind, total = "sum", write_partial_sum(inputs, out)
         else:
             kind, total = "model", write_region_model(strategy.name, strategy.params, inputs, out)
-        key = partial_key(env, r, entry.name, "safetensors")
+        key = env.keys.partial(r, entry.name)
         partial = ObjectRef(key=key, sha256=env.store.put_file(key, out))
     record = RegionPartial(**head, contributed=True, kind=kind, partial=partial, total_weight=total,
                            accepted=accepted, rejected=rejected)
-    env.store.put_record(partial_key(env, r, entry.name, "json"), record)
+    env.store.put_record(env.keys.partial_record(r, entry.name), record)
     log(f"round {r}: region {entry.name}: partial ({kind}) over {len(accepted)} update(s) "
         f"({', '.join(accepted)}), total weight {total:g}, sha256 {partial.sha256[:12]}")
     write_result({"round": r, "region": entry.name, "contributed": True, "accepted": list(accepted),
@@ -88,7 +88,7 @@ def record_failure(env: StepEnv, exc: BaseException) -> None:
     plan = env.plan()
     name = env.args.region or ""
     reason = f"region {name}: aggregate_region failed: {type(exc).__name__}: {exc}"
-    env.store.put_record(partial_key(env, plan.round, name, "json"), RegionPartial(
+    env.store.put_record(env.keys.partial_record(plan.round, name), RegionPartial(
         job=plan.job, round=plan.round, region=name, dag_run_id=plan.dag_run_id, contributed=False,
         reason=reason, input_global_sha256=plan.input_global.sha256, strategy=plan.strategy.name,
     ))

@@ -26,10 +26,6 @@ class RegionQuorumNotMet(RuntimeError):
     pass
 
 
-def partial_record_key(env: StepEnv, r: int, region: str) -> str:
-    return f"{env.keys.round_dir(r)}/regions/{region}.json"
-
-
 def region_outcomes(env: StepEnv, plan: Plan, tmp: Path) -> tuple[dict[str, RegionOutcome], list[tuple[Path, float]],
                                                                  dict[str, AcceptedUpdate], dict[str, str]]:
     """Each region's outcome, the verified partial files of those that contributed, and the accepted
@@ -40,7 +36,7 @@ def region_outcomes(env: StepEnv, plan: Plan, tmp: Path) -> tuple[dict[str, Regi
     rejected: dict[str, str] = {}
     sampled = set(plan.sampled_silos)
     for region in plan.regions or []:
-        key = partial_record_key(env, plan.round, region.name)
+        key = env.keys.partial_record(plan.round, region.name)
         raw = env.store.get_bytes(key) if env.store.exists(key) else None
         record = env.store.get_record(key, RegionPartial) if raw is not None else None
         silos = [s for s in region.silos if s in sampled]

@@ -18,11 +18,6 @@ from fl_tasks.steps.common import StepArgs, StepEnv, log, scratch_dir
 from fl_tasks.store import ObjectMissing, Store, open_store
 
 
-def partial_key(env: StepEnv, r: int, region: str, suffix: str) -> str:
-    """``rounds/<r>/regions/<region>.<suffix>`` in the job's store (``json``: RegionPartial record)."""
-    return f"{env.keys.round_dir(r)}/regions/{region}.{suffix}"
-
-
 class RegionEnv:
     """A regional-tier step's view: the job's store (``job``) and its region's (``region``)."""
 

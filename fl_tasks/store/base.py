@@ -115,6 +115,14 @@ class JobKeys:
     def result(self, r: int) -> str:
         return f"{self.round_dir(r)}/result.json"
 
+    def partial(self, r: int, region: str) -> str:
+        """A region's partial aggregate of round ``r`` (jobs with regions), in the job's store."""
+        return f"{self.round_dir(r)}/regions/{region}.safetensors"
+
+    def partial_record(self, r: int, region: str) -> str:
+        """The record of that partial (RegionPartial: sha256, accepted silos, total weight, or why none)."""
+        return f"{self.round_dir(r)}/regions/{region}.json"
+
     def server_state(self, r: int) -> str:
         return f"{self.round_dir(r)}/server_state.safetensors"
 

@@ -57,8 +57,8 @@ def setup_round(tmp_path, strategy: Strategy, *, dp=None, across=None, foreign: 
         out = tmp_path / f"partial_{name}.safetensors"
         total = write_partial_sum(inputs, out) if kind == "sum" else write_region_model(
             strategy.name, strategy.params, inputs, out)
-        key = f"{KEYS.round_dir(1)}/regions/{name}.safetensors"
-        store.put_record(f"{KEYS.round_dir(1)}/regions/{name}.json", RegionPartial(
+        key = KEYS.partial(1, name)
+        store.put_record(KEYS.partial_record(1, name), RegionPartial(
             job=JOB, round=1, region=name, dag_run_id="other-run" if name == foreign else "run", contributed=True,
             kind=kind, partial=ObjectRef(key=key, sha256=store.put_file(key, out)), total_weight=total,
             accepted={s: AcceptedUpdate(sha256="0" * 64, num_examples=updates[s][1]) for s in members},
@@ -99,7 +99,7 @@ def test_robust_strategy_combines_regional_aggregates_by_the_named_rule(airfed_h
     _result, got = committed_global(store, tmp_path)
     models = [
         (tmp_path / f"partial_{n}.safetensors",
-         store.get_record(f"{KEYS.round_dir(1)}/regions/{n}.json", RegionPartial).total_weight)
+         store.get_record(KEYS.partial_record(1, n), RegionPartial).total_weight)
         for n in REGIONS
     ]
     combine_region_models(rule, models, tmp_path / "want.st")

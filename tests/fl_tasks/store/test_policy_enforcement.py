@@ -272,7 +272,7 @@ def test_a_regional_round_commits_with_every_region_on_its_own_keys(airfed_home,
     refused(lambda: as_berlin["us"].get_bytes(keys.update(1, "us-east")))
     refused(lambda: as_berlin["asia"].put_bytes(keys.update(1, "asia-tokyo"), forged))
     for region in ("us", "eu"):
-        refused(lambda region=region: as_berlin["job"].put_bytes(f"{keys.round_dir(1)}/regions/{region}.json", b"{}"))
+        refused(lambda region=region: as_berlin["job"].put_bytes(keys.partial_record(1, region), b"{}"))
     refused(lambda: as_berlin["job"].put_bytes(keys.update(1, "eu-berlin"), forged))
     refused(lambda: as_berlin["eu"].put_bytes(keys.update(1, "eu-paris"), forged))
     # region eu's aggregator key: not us's silos, not us's partial

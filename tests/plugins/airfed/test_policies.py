@@ -266,15 +266,10 @@ def test_digits_regions_every_identity_names_only_its_own_stores(digits_regions)
 
 def test_a_region_s_silo_and_aggregator_cannot_reach_another_region(digits_regions):
     """Read with the S3 wildcard rule on the keys the regional steps use, in every store of the job."""
-    from types import SimpleNamespace
-
-    from fl_tasks.steps.regional import partial_key
-
     result = generate(digits_regions, "minio", JOB_STORE, REGION_STORES)
     keys = JobKeys("digits_regions")
     central, us, eu = (StoreLocation.parse(u, "t") for u in (JOB_STORE, REGION_STORES["us"], REGION_STORES["eu"]))
     berlin, region_eu = result.policies[result.silo_names["eu-berlin"]], result.policies[result.region_names["eu"]]
-    steps_env = SimpleNamespace(keys=keys)
     for r in (1, 9):
         assert allows(berlin, "s3:PutObject", eu.arn(keys.update(r, "eu-berlin")))
         assert allows(berlin, "s3:GetObject", eu.arn(keys.plan(r)))
@@ -285,8 +280,7 @@ def test_a_region_s_silo_and_aggregator_cannot_reach_another_region(digits_regio
             for key in own_and_others(keys, "eu-berlin", r) + [keys.plan(r), keys.global_model(r), keys.head]:
                 assert not any(allows(berlin, a, store.arn(key)) for a in ("s3:GetObject", *WRITES)), key
         for region in ("us", "eu"):
-            for suffix in ("json", "safetensors"):
-                partial = partial_key(steps_env, r, region, suffix)  # the step's own key
+            for partial in (keys.partial(r, region), keys.partial_record(r, region)):  # the steps' own keys
                 assert not allows(berlin, "s3:PutObject", central.arn(partial))
                 assert allows(region_eu, "s3:PutObject", central.arn(partial)) == (region == "eu")
         # the eu aggregator: its silos' updates in its own store, read only; never an update in the job store
@@ -307,7 +301,7 @@ def test_a_region_s_silo_and_aggregator_cannot_reach_another_region(digits_regio
             for key in (keys.update(r, "eu-berlin"), keys.manifest(r, "eu-berlin"), keys.plan(r)):
                 assert not any(allows(result.policies[name], a, eu.arn(key)) for a in ("s3:GetObject", *WRITES))
         server = result.policies[result.server]
-        assert allows(server, "s3:PutObject", central.arn(partial_key(steps_env, r, "eu", "json")))
+        assert allows(server, "s3:PutObject", central.arn(keys.partial_record(r, "eu")))
 
 
 def test_a_region_without_a_store_of_its_own_keeps_its_silos_on_the_job_store(digits_regions):

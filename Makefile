@@ -1,12 +1,12 @@
-# The commands of the README: `make demo` (install + run the example job), `make check` (every test,
-# as CI runs them; `make test` without the deployed form), and
+# The commands of the README: `make demo` (install + run the example job), `make test` (every test,
+# as CI runs them; `make test-quick` without the deployed form), and
 # `make rehearse` (the deployed form: both image environments apart, S3, an MLflow server, Airflow).
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ROUNDS ?= 5
 
-.PHONY: install demo check test test-deployed lint rehearse
+.PHONY: install demo test test-quick test-deployed lint rehearse
 
 $(BIN)/airfed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,13 @@ demo: install
 
 PYTEST  = $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# The whole suite, what CI runs (.ci/run): lint, the tests and the deployed form (both image
-# environments built under .rehearse/, the rehearsal and its faults).
-check: lint
+# The whole suite, what CI runs (.ci/run) and the README names: lint, the tests and the deployed form
+# (both image environments built under .rehearse/, the rehearsal and its faults).
+test: lint
 	$(PYTEST)
 
 # The developer loop: everything but the deployed form (tests marked `deployed`).
-test: lint
+test-quick: lint
 	$(PYTEST) -m "not deployed"
 
 test-deployed: install

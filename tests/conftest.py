@@ -61,7 +61,7 @@ def airflow_db() -> None:
     migrate_airflow_db()
 
 
-#: The slowest modules, slowest first. ``make check`` / ``make test`` run pytest-xdist with ``--dist loadfile
+#: The slowest modules, slowest first. ``make test`` / ``make test-quick`` run pytest-xdist with ``--dist loadfile
 #: --no-loadscope-reorder``: modules go to whichever worker is free in this order (longest first),
 #: so the rehearsal (it builds both image environments from scratch) starts at once instead of
 #: being the tail, and the short modules fill the gaps at the end.

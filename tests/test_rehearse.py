@@ -28,7 +28,7 @@ import rehearse  # noqa: E402
 ROUNDS = 2
 
 #: one set of environments for the module: keep its tests on one xdist worker, in file order
-#: the deployed form: `make test-deployed` and `make check` run it, `make test` leaves it out
+#: the deployed form: `make test` and `make test-deployed` run it, `make test-quick` leaves it out
 pytestmark = pytest.mark.deployed
 
 

@@ -32,7 +32,7 @@ import rehearse  # noqa: E402
 import rehearse_faults  # noqa: E402
 
 #: the environments are test_rehearse.py's: keep both modules on one xdist worker
-#: the deployed form: `make test-deployed` and `make check` run it, `make test` leaves it out
+#: the deployed form: `make test` and `make test-deployed` run it, `make test-quick` leaves it out
 pytestmark = pytest.mark.deployed
 
 

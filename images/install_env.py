@@ -8,8 +8,8 @@ dependencies are declared once, as an extra in ``pyproject.toml`` (``airfed[airf
 this script, so an image and its rehearsal cannot drift apart.
 
     python images/install_env.py install SIDE [--venv DIR | --python PY] [--deps-only | --project-only]
-                                              [--torch-index-url URL] [--no-cache-dir]
-    python images/install_env.py check SIDE [--python PY]
+                                              [--torch-index-url URL] [--no-cache-dir] [--installer uv|pip]
+    python images/install_env.py check SIDE [--python PY] [--installer uv|pip]
     python images/install_env.py requirements SIDE
     python images/install_env.py example-data SPEC.yaml [--python PY]
 
@@ -17,8 +17,15 @@ this script, so an image and its rehearsal cannot drift apart.
 sources often): *deps*, torch first when the side needs it (``--no-deps`` from the chosen PyTorch
 index: PyPI's default Linux wheel pulls several GB of CUDA), then the side's requirements from
 ``pyproject.toml`` under ``constraints.txt``; *project*, airfed itself (a wheel built from the
-sources, ``--no-deps``). Then ``check``: the other side's heavy packages are absent, ``pip check``
-passes, and the side's entry modules import.
+sources, ``--no-deps``). Then ``check``: the other side's heavy packages are absent, every installed
+distribution is at its ``constraints.txt`` pin, ``pip check`` passes, and the side's entry modules import.
+
+The installer is uv when it can be found (the ``uv`` package's binary, as in the dev venv, or ``uv`` on
+``PATH``), else pip; ``--installer`` picks one. The Dockerfiles say ``--installer pip``, the installer
+the official Airflow image documents for extending it; the rehearsal lets uv build the same
+environments in seconds where pip takes minutes. Either way ``check`` proves the result is the
+pinned set. uv does not read pip's configuration, so the ``find-links`` pip is configured with (a
+machine's directory of local wheels, such as the build machines' CPU torch) are handed to uv too.
 
 Stdlib only (Python >= 3.11 for ``tomllib``): it runs under the image's interpreter before anything
 is installed.
@@ -30,9 +37,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -56,6 +65,8 @@ IMPORTS = {
 }
 #: The one big wheel installed first, alone, from the index of the chosen build (CPU or CUDA).
 TORCH = "torch"
+PROJECT_NAME = "airfed"
+INSTALLERS = ("auto", "uv", "pip")
 
 
 def canonical(name: str) -> str:
@@ -101,55 +112,150 @@ def run(argv: list[str], **kwargs) -> None:
     subprocess.run(argv, check=True, **kwargs)
 
 
-def make_venv(venv: Path) -> str:
-    """Create ``venv`` (if needed) with the interpreter running this script; return its python."""
-    python = venv / "bin" / "python"
-    if not python.exists():
-        run([sys.executable, "-m", "venv", str(venv)])
-    return str(python)
+def find_uv() -> str | None:
+    """uv's binary: the ``uv`` package's (``uv.find_uv_bin``) or ``uv`` on ``PATH``; None without it."""
+    try:
+        import uv  # type: ignore[import-not-found]
+
+        return str(uv.find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        return shutil.which("uv")
 
 
-def pip(python: str, no_cache_dir: bool) -> list[str]:
-    cache = ["--no-cache-dir"] if no_cache_dir else []
-    return [python, "-m", "pip", "install", "--disable-pip-version-check", *cache]
+def pip_find_links(python: str = sys.executable) -> list[str]:
+    """The ``find-links`` locations pip is configured with (its config files and ``PIP_FIND_LINKS``)."""
+    try:
+        listed = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        listed = ""
+    found: list[str] = []
+    values = [m.group(1) for m in re.finditer(r"(?m)^\S*find-links='(.*)'$", listed)]
+    for value in [*values, os.environ.get("PIP_FIND_LINKS", "")]:
+        found += [link for link in value.split() if link not in found]
+    return found
 
 
-def install_deps(side: str, python: str, project: Path, torch_index_url: str | None, no_cache_dir: bool) -> None:
+@dataclass(frozen=True)
+class Installer:
+    """pip or uv, as the command lines this script runs: the same pinned set in, the same environment out."""
+
+    uv: str | None = None
+    no_cache_dir: bool = False
+
+    @classmethod
+    def choose(cls, name: str, no_cache_dir: bool) -> Installer:
+        uv = find_uv() if name in ("auto", "uv") else None
+        if name == "uv" and uv is None:
+            raise Failed("--installer uv: uv not found (pip install uv, or --installer pip)")
+        return cls(uv, no_cache_dir)
+
+    @property
+    def name(self) -> str:
+        return "uv" if self.uv else "pip"
+
+    def make_venv(self, venv: Path) -> str:
+        """Create ``venv`` (if needed) with the interpreter running this script; return its python."""
+        python = venv / "bin" / "python"
+        if not python.exists():
+            if self.uv:
+                run([self.uv, "venv", "--quiet", "--python", sys.executable, str(venv)])
+            else:
+                run([sys.executable, "-m", "venv", str(venv)])
+        return str(python)
+
+    def install(self, python: str) -> list[str]:
+        if self.uv:
+            # bytecode compiled at install, as pip does (the images run with PYTHONDONTWRITEBYTECODE)
+            links = [arg for link in pip_find_links() for arg in ("--find-links", link)]
+            cache = ["--no-cache"] if self.no_cache_dir else []
+            return [self.uv, "pip", "install", "--python", python, "--compile-bytecode", *cache, *links]
+        cache = ["--no-cache-dir"] if self.no_cache_dir else []
+        return [python, "-m", "pip", "install", "--disable-pip-version-check", *cache]
+
+    def reinstall(self) -> str:
+        return "--reinstall" if self.uv else "--force-reinstall"
+
+    def check(self, python: str) -> list[str]:
+        if self.uv:
+            return [self.uv, "pip", "check", "--python", python]
+        return [python, "-m", "pip", "check", "--disable-pip-version-check"]
+
+
+def install_deps(side: str, python: str, project: Path, torch_index_url: str | None, installer: Installer) -> None:
     constraints = str(project / "constraints.txt")
     reqs = requirements(side, project)
     if any(requirement_name(r) == TORCH for r in reqs):
         # Alone and without its dependencies from the build's index; they come from PyPI below.
         index = ["--index-url", torch_index_url] if torch_index_url else []
-        run([*pip(python, no_cache_dir), "--no-deps", "-c", constraints, *index, TORCH])
-    run([*pip(python, no_cache_dir), "-c", constraints, *reqs])
+        run([*installer.install(python), "--no-deps", "-c", constraints, *index, TORCH])
+    run([*installer.install(python), "-c", constraints, *reqs])
 
 
-def install_project(python: str, project: Path, no_cache_dir: bool) -> None:
+def install_project(python: str, project: Path, installer: Installer) -> None:
     # A wheel built from the sources (as in an image), never an editable install; --no-deps: the
     # side's dependencies were installed by install_deps, the other side's must stay out.
-    run([*pip(python, no_cache_dir), "--no-deps", "--force-reinstall", str(project)])
+    run([*installer.install(python), "--no-deps", installer.reinstall(), str(project)])
 
 
 _PROBE = """
 import importlib.metadata as md, json, sys
-print(json.dumps(sorted({d.metadata["Name"] for d in md.distributions() if d.metadata["Name"]})))
+print(json.dumps({d.metadata["Name"]: d.version for d in md.distributions() if d.metadata["Name"]}))
 """
+#: What a virtualenv brings along, not what a side asks for: left out of the pin check.
+BOOTSTRAP = ("pip", "setuptools", "wheel")
+
+
+def installed_versions(python: str) -> dict[str, str]:
+    """Canonical name -> version of the distributions installed in ``python``'s environment."""
+    out = subprocess.run([python, "-c", _PROBE], check=True, capture_output=True, text=True).stdout
+    return {canonical(name): version for name, version in json.loads(out).items()}
 
 
 def installed(python: str) -> list[str]:
     """Canonical names of the distributions installed in ``python``'s environment."""
-    out = subprocess.run([python, "-c", _PROBE], check=True, capture_output=True, text=True).stdout
-    return sorted({canonical(n) for n in json.loads(out)})
+    return sorted(installed_versions(python))
 
 
-def check(side: str, python: str) -> None:
-    """The other side's packages are absent, ``pip check`` passes, the side's entry modules import."""
-    present = set(installed(python))
+def pins(project: Path = PROJECT) -> dict[str, str]:
+    """``constraints.txt`` as canonical name -> pinned version."""
+    found = {}
+    for line in (project / "constraints.txt").read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==", 1)
+            found[canonical(name)] = version.strip()
+    return found
+
+
+def off_pin(versions: dict[str, str], pinned: dict[str, str]) -> list[str]:
+    """Installed distributions that ``constraints.txt`` does not pin, or pins to another version (a local
+    version label such as torch's ``+cpu`` is the same release): whatever installed them, pip or uv, an
+    environment holds exactly the pinned set."""
+    wrong = []
+    for name, version in sorted(versions.items()):
+        if name in BOOTSTRAP or name == canonical(PROJECT_NAME):
+            continue
+        if name not in pinned:
+            wrong.append(f"{name} {version} (not in constraints.txt)")
+        elif version.split("+", 1)[0] != pinned[name]:
+            wrong.append(f"{name} {version} (constraints.txt pins {pinned[name]})")
+    return wrong
+
+
+def check(side: str, python: str, installer: Installer, project: Path = PROJECT) -> None:
+    """The other side's packages are absent, every package is at its pinned version, ``pip check``
+    passes, the side's entry modules import."""
+    versions = installed_versions(python)
+    present = set(versions)
     wrong = [name for name in FORBIDDEN[side] if name in present]
     if wrong:
         raise Failed(f"the {side} environment must not contain {', '.join(wrong)} "
                      f"(DESIGN.md, 'Two environments'): which requirement pulled it in?")
-    run([python, "-m", "pip", "check", "--disable-pip-version-check"])
+    unpinned = off_pin(versions, pins(project))
+    if unpinned:
+        raise Failed(f"the {side} environment holds what constraints.txt does not pin: {'; '.join(unpinned)}")
+    run(installer.check(python))
     # From / so that the installed package is imported, never a source tree in the working directory.
     run([python, "-c", "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]", *IMPORTS[side]],
         cwd="/")
@@ -200,12 +306,15 @@ def _main(argv: list[str] | None = None) -> int:
     phase.add_argument("--project-only", action="store_true", help="only airfed itself, then check")
     p_install.add_argument("--torch-index-url", default=os.environ.get("AIRFED_TORCH_INDEX_URL"),
                            help="package index of the torch build (e.g. https://download.pytorch.org/whl/cpu)")
-    p_install.add_argument("--no-cache-dir", action="store_true", help="pass --no-cache-dir to pip (images)")
+    p_install.add_argument("--no-cache-dir", action="store_true", help="keep no download cache (images)")
+    p_install.add_argument("--installer", choices=INSTALLERS, default="auto",
+                           help="auto (default): uv if found, else pip")
     p_install.add_argument("--project", type=Path, default=PROJECT, help="the airfed source tree")
 
-    p_check = sub.add_parser("check", help="forbidden packages absent, pip check, entry modules import")
+    p_check = sub.add_parser("check", help="forbidden packages absent, all pinned, pip check, entry modules import")
     p_check.add_argument("side", choices=SIDES)
     target(p_check, venv=False)
+    p_check.add_argument("--installer", choices=INSTALLERS, default="auto", help="whose check: uv's or pip's")
 
     p_reqs = sub.add_parser("requirements", help="print a side's requirements, one a line")
     p_reqs.add_argument("side", choices=SIDES)
@@ -221,15 +330,17 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     python = ns.python or sys.executable
     if ns.command == "install":
+        installer = Installer.choose(ns.installer, ns.no_cache_dir)
+        print(f"install_env: installing the {ns.side} side with {installer.uv or 'pip'}", flush=True)
         if ns.venv is not None:
-            python = make_venv(ns.venv)
+            python = installer.make_venv(ns.venv)
         if not ns.project_only:
-            install_deps(ns.side, python, ns.project, ns.torch_index_url, ns.no_cache_dir)
+            install_deps(ns.side, python, ns.project, ns.torch_index_url, installer)
         if not ns.deps_only:
-            install_project(python, ns.project, ns.no_cache_dir)
-            check(ns.side, python)
+            install_project(python, ns.project, installer)
+            check(ns.side, python, installer, ns.project)
     elif ns.command == "check":
-        check(ns.side, python)
+        check(ns.side, python, Installer.choose(ns.installer, no_cache_dir=False))
     else:
         example_data(python, ns.spec.resolve())
     return 0

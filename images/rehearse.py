@@ -2,8 +2,9 @@
 
 What a Kubernetes deployment runs, stood in for piece by piece:
 
-- the two images' Python environments, built by ``images/install_env.py`` exactly as the Dockerfiles
-  build them (``airfed[airflow]`` and ``airfed[steps]`` under ``constraints.txt``), each in its own
+- the two images' Python environments, built by ``images/install_env.py`` as the Dockerfiles build
+  them (``airfed[airflow]`` and ``airfed[steps]`` under ``constraints.txt``; with uv where the
+  Dockerfiles use pip, the install script's pin check holding both to the same set), each in its own
   virtualenv under ``.rehearse/`` (reused while ``pyproject.toml``, ``constraints.txt`` and the install
   script are unchanged; airfed itself is reinstalled whenever its sources changed);
 - MinIO: moto's S3 server on 127.0.0.1, holding the store and MLflow's artifacts;

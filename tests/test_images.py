@@ -89,3 +89,29 @@ def test_each_side_is_declared_once_and_apart():
     # every requirement is pinned by constraints.txt, so an image and the rehearsal resolve alike
     pinned = {install_env.requirement_name(line) for line in (REPO / "constraints.txt").read_text().split()}
     assert names["dev"] <= pinned, sorted(names["dev"] - pinned)
+
+
+def test_an_environment_off_its_pins_is_named_package_by_package():
+    """The check both installers' environments pass: exactly the pinned set, whoever installed it."""
+    pinned = install_env.pins()
+    assert pinned["torch"] == "2.13.0" and pinned["apache-airflow"]
+    exact = {"torch": "2.13.0+cpu", "numpy": pinned["numpy"], "airfed": "0.1.0", "pip": "25.0", "setuptools": "1"}
+    assert install_env.off_pin(exact, pinned) == []
+    moved = {**exact, "numpy": "1.0.0", "left-pad": "1.3"}
+    assert install_env.off_pin(moved, pinned) == [
+        "left-pad 1.3 (not in constraints.txt)", f"numpy 1.0.0 (constraints.txt pins {pinned['numpy']})"]
+
+
+def test_uv_gets_the_find_links_pip_is_configured_with(tmp_path, monkeypatch):
+    config = tmp_path / "pip.conf"
+    config.write_text("[global]\nfind-links = /srv/wheels /srv/more\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
+    monkeypatch.setenv("PIP_FIND_LINKS", "/srv/env-wheels /srv/wheels")
+    links = install_env.pip_find_links()
+    assert {"/srv/wheels", "/srv/more", "/srv/env-wheels"} <= set(links) and len(links) == len(set(links))
+    uv = install_env.Installer.choose("uv", no_cache_dir=True)
+    argv = uv.install("/venv/bin/python")
+    assert argv[:5] == [uv.uv, "pip", "install", "--python", "/venv/bin/python"] and "--no-cache" in argv
+    assert argv[argv.index("/srv/wheels") - 1] == "--find-links"
+    pip = install_env.Installer.choose("pip", no_cache_dir=True)
+    assert pip.name == "pip" and pip.install("/venv/bin/python")[:4] == ["/venv/bin/python", "-m", "pip", "install"]

@@ -65,20 +65,22 @@ def airflow_db() -> None:
 #: --no-loadscope-reorder``: modules go to whichever worker is free in this order (longest first),
 #: so the rehearsal (it builds both image environments from scratch) starts at once instead of
 #: being the tail, and the short modules fill the gaps at the end.
-SLOWEST_FIRST = (
-    "tests/test_rehearse.py",
-    "tests/test_rehearse_faults.py",
-    "tests/e2e/test_up.py",
-    "tests/e2e/test_faults.py",
-    "tests/e2e/test_concurrent_runs.py",
-    "tests/e2e/test_run.py",
-    "tests/fl_tasks/test_launch.py",
-    "tests/plugins/airfed/cli/test_offline.py",
-    "tests/fl_tasks/test_strategies.py",
-    "tests/e2e/test_run_s3.py",
-    "tests/e2e/test_launcher_globals.py",
-    "tests/fl_tasks/test_round_faults.py",
-    "tests/e2e/test_kubernetes_pods.py",
+SLOWEST_FIRST = (  # by seconds alone on a quiet 2-core machine (the rehearsals' environments already built)
+    "tests/test_rehearse_faults.py",  # 142
+    "tests/e2e/test_up.py",  # 73
+    "tests/test_rehearse.py",  # 70
+    "tests/e2e/test_faults.py",  # 66
+    "tests/e2e/test_concurrent_runs.py",  # 59
+    "tests/e2e/test_run.py",  # 52
+    "tests/e2e/test_regions.py",  # 44
+    "tests/e2e/test_approval.py",  # 44
+    "tests/fl_tasks/test_launch.py",  # 36
+    "tests/e2e/test_launcher_globals.py",  # 31
+    "tests/fl_tasks/test_strategies.py",  # 26
+    "tests/e2e/test_run_s3.py",  # 24
+    "tests/plugins/airfed/cli/test_offline.py",  # 22
+    "tests/e2e/test_kubernetes_pods.py",  # 21
+    "tests/fl_tasks/test_round_faults.py",  # 15
 )
 
 

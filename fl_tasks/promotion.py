@@ -162,6 +162,24 @@ def move_champion(c: MlflowClient, store: Store, *, job: str, model_name: str, e
     return move
 
 
+def event_extra(c: MlflowClient, job: str, model_name: str, move: Move) -> dict:
+    """What the job's model Asset event says of a move made by hand: the keys the round DAG's event
+    carries (``plugins/airfed/dag/model_event.py``) from the new champion's registration tags, so a
+    consumer scores with it as after an approval, plus who moved it, from which version and why."""
+    tags = c.get_model_version(model_name, str(move.to_version)).tags
+    round_tag, value = tags.get("round", ""), tags.get("promotion_value")
+    extra: dict = {
+        "job": job, "round": int(round_tag) if round_tag.isdigit() else None, "dag_run_id": tags.get("dag_run_id"),
+        "registry_model": model_name, "registry_version": move.to_version, "version": move.to_version,
+        "champion_version": move.to_version, "champion_moved": True, "previous_champion": move.from_version,
+        "action": move.action, "by": move.by, "reason": move.reason,
+        "promotion_metric": tags.get("promotion_metric"), "promotion_value": float(value) if value else None,
+    }
+    if tags.get("store_key") and tags.get("global_sha256"):
+        extra["global"] = {"key": tags["store_key"], "sha256": tags["global_sha256"]}
+    return extra
+
+
 def rollback_target(c: MlflowClient, model_name: str) -> int:
     """The champion before the current one (``champion.previous`` of the current champion)."""
     current = lineage.champion(c, model_name)

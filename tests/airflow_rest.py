@@ -6,8 +6,11 @@ A person's answer to a Human-in-the-loop task is what these helpers send, exactl
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -70,3 +73,30 @@ def answer_when_asked(user: str, dag_id: str, option: str, params_input: dict,
     thread = threading.Thread(target=run, name=f"answer-{dag_id}", daemon=True)
     thread.start()
     return thread, seen
+
+
+@contextmanager
+def served_api(user: str) -> Iterator[tuple[str, str]]:
+    """Airflow's API app served over HTTP on 127.0.0.1 from a thread, for clients that are not this test's
+    (a CLI, another process): (base URL, a JWT of ``user``)."""
+    import uvicorn
+    from airflow.api_fastapi.app import create_app, get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    app = create_app("core")
+    token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=user, role="admin"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="airflow-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the API server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", token
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

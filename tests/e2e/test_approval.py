@@ -6,17 +6,19 @@ wait. Then each candidate's approval DAG runs (``dag.test()`` with the conf the 
 gave its queued approval run) and a person answers through ``PATCH /api/v2/.../hitlDetails``:
 round 1 approved (champion → v1), round 2 rejected (champion stays v1, v2 tagged with the reason).
 Finally ``airfed promote`` / ``airfed rollback`` by hand: the alias returns to v1 and the tags say
-who moved it and from which version.
+who moved it and from which version; with Airflow's API server named (``AIRFED_AIRFLOW_URL``) each
+move by hand is a model Asset event, as an approval's is.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from airflow_rest import AirflowRest, answer_when_asked
+from airflow_rest import AirflowRest, answer_when_asked, served_api
 from helpers import REPO
 
 APPROVER = "dr-grey"
@@ -168,19 +170,54 @@ def test_rejection_through_rest_keeps_the_champion_and_tags_the_version(job):
 def test_promote_and_rollback_by_hand(job, monkeypatch, capsys):
     from airfed.cli import main
 
+    from fl_tasks.store.base import sha256_bytes
+
     home, spec_path = job["home"], str(job["spec_path"])
     monkeypatch.setenv("AIRFED_USER", "ops-on-call")
+    monkeypatch.delenv("AIRFED_AIRFLOW_URL", raising=False)
+    events_before = len(model_events())
     assert main(["promote", spec_path, "--version", "2", "--reason", "override"]) == 0
     assert champion(home) == 2
-    assert main(["rollback", spec_path]) == 0
+    # Airflow unreachable: the move stands, the command fails saying the event did not go out
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("AIRFED_AIRFLOW_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("AIRFED_AIRFLOW_TOKEN", "unused")
+    assert main(["rollback", spec_path]) == 1
     assert champion(home) == 1
     assert main(["promote", spec_path, "--version", "9"]) == 1  # not a version of this job: refused
     captured = capsys.readouterr()
     assert "airfed promote: refused: gated-mlp has no version 9" in captured.err
+    assert ("airfed rollback: error: champion moved, but the Asset event for airfed.gated.model failed: "
+            f"GET http://127.0.0.1:{closed}/api/v2/assets") in captured.err
     out = captured.out
     assert "gated-mlp@champion: v1 -> v2 (promote by ops-on-call)" in out
     assert "gated-mlp@champion: v2 -> v1 (rollback by ops-on-call)" in out
+    assert "note: no Asset event for airfed.gated.model (AIRFED_AIRFLOW_URL is not set)" in out
+    assert len(model_events()) == events_before
+
+    # Airflow's API server reachable: each move by hand is a model event, as an approval's is
+    with served_api("ops-on-call") as (url, token):
+        monkeypatch.setenv("AIRFED_AIRFLOW_URL", url)
+        monkeypatch.setenv("AIRFED_AIRFLOW_TOKEN", token)
+        assert main(["promote", spec_path, "--version", "2", "--reason", "second look"]) == 0
+        assert main(["rollback", spec_path, "--reason", "regression in eu"]) == 0
+    assert champion(home) == 1
+    assert capsys.readouterr().out.count("asset event: airfed.gated.model #") == 2
     client = mlflow_client(home)
+    promoted, rolled_back = (e["extra"] for e in model_events()[-2:])
+    for extra, version, previous in ((promoted, 2, 1), (rolled_back, 1, 2)):
+        registered = client.get_model_version("gated-mlp", str(version))
+        assert (extra["version"], extra["champion_version"], extra["previous_champion"]) == (version, version, previous)
+        assert extra["champion_moved"] is True and extra["registry_model"] == "gated-mlp"
+        assert extra["by"] == "ops-on-call" and extra["round"] == version and extra["from_rest_api"] is True
+        # what a consumer scores with: the version's global model in the store, by its checksum
+        assert extra["global"] == {"key": registered.tags["store_key"], "sha256": registered.tags["global_sha256"]}
+        assert sha256_bytes(job["store"].get_bytes(extra["global"]["key"])) == extra["global"]["sha256"]
+    assert (promoted["action"], rolled_back["action"], rolled_back["reason"]) == ("promote", "rollback",
+                                                                                  "regression in eu")
+
     v1, v2 = client.get_model_version("gated-mlp", "1"), client.get_model_version("gated-mlp", "2")
     assert v1.tags["champion.action"] == "rollback" and v1.tags["champion.by"] == "ops-on-call"
     assert v1.tags["champion.from"] == "2"
@@ -188,8 +225,8 @@ def test_promote_and_rollback_by_hand(job, monkeypatch, capsys):
     exp = client.get_experiment_by_name("airfed/gated")
     moves = client.search_runs([exp.experiment_id], "tags.`airfed.kind` = 'promotion'", order_by=["start_time ASC"])
     assert [(r.data.tags["action"], r.data.tags["from_version"], r.data.tags["to_version"], r.data.tags["by"])
-            for r in moves] == [("approved", "none", "1", APPROVER), ("promote", "1", "2", "ops-on-call"),
-                                ("rollback", "2", "1", "ops-on-call")]
+            for r in moves] == [("approved", "none", "1", APPROVER)] + [
+                ("promote", "1", "2", "ops-on-call"), ("rollback", "2", "1", "ops-on-call")] * 2
     # the jobs page shows the current champion only, the rejected version and no pending candidate
     from airfed.ui.jobs_page import collect_jobs
 
@@ -237,3 +274,27 @@ def test_no_answer_in_time_is_a_rejection_by_airflows_timeout_sweep(job):
     assert v3.tags["approval.reason"] == "no answer within promotion.approval_timeout"
     record = job["store"].get_json("gated/rounds/3/approval.json")
     assert record["state"] == "rejected" and record["timed_out"] is True
+
+
+def test_the_cli_logs_in_to_airflow_with_a_username_and_password(job):
+    """Without a token, ``AIRFED_AIRFLOW_USERNAME`` / ``_PASSWORD`` get one from ``POST /auth/token``."""
+    from airfed.asset_events import AirflowApi, AirflowApiError
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+    with served_api("observer") as (url, _token):
+        user, password = next(iter(SimpleAuthManager.get_passwords().items()))
+        api = AirflowApi.from_env({"AIRFED_AIRFLOW_URL": url + "/", "AIRFED_AIRFLOW_USERNAME": user,
+                                   "AIRFED_AIRFLOW_PASSWORD": password})
+        assert api is not None and api.url == url
+        assert api.asset_id("airfed.gated.model") == AirflowRest("observer").get(
+            "/assets", name_pattern="airfed.gated.model")["assets"][0]["id"]
+        with pytest.raises(AirflowApiError, match=r"POST .*/auth/token: HTTP 401"):
+            AirflowApi.from_env({"AIRFED_AIRFLOW_URL": url, "AIRFED_AIRFLOW_USERNAME": user,
+                                 "AIRFED_AIRFLOW_PASSWORD": password + "-wrong"})
+        with pytest.raises(AirflowApiError, match="no Asset named 'airfed.nojob.model'"):
+            api.asset_id("airfed.nojob.model")
+    assert AirflowApi.from_env({}) is None
+    with pytest.raises(AirflowApiError, match="set AIRFED_AIRFLOW_TOKEN, or AIRFED_AIRFLOW_USERNAME"):
+        AirflowApi.from_env({"AIRFED_AIRFLOW_URL": url})
+    with pytest.raises(AirflowApiError, match="expected the http"):
+        AirflowApi.from_env({"AIRFED_AIRFLOW_URL": "file:///etc/passwd", "AIRFED_AIRFLOW_TOKEN": "t"})

@@ -4,12 +4,16 @@ Argument parsing and printing only; the move is step-side code (:mod:`fl_tasks.p
 same the approval DAG's promote step uses), imported when a command runs: it needs the MLflow
 client, which the Airflow image does not have. Who acted is ``AIRFED_USER``, else the login name.
 Both refuse a version that is not one of the job's or whose artifact fails its sha256.
+
+After the move, the job's model Asset event goes to Airflow's REST API when ``AIRFED_AIRFLOW_URL``
+names it (:mod:`airfed.asset_events`), so consumers scheduled on the Asset run with the new champion.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -64,6 +68,26 @@ def _move(command: str, spec_path: str, version: int | None, reason: str) -> int
         print(f"airfed {command}: error: {exc}", file=sys.stderr)
         return 1
     print(move.describe(spec.model_name))
+    return _emit_event(command, spec.job, lambda: promotion.event_extra(c, spec.job, spec.model_name, move))
+
+
+def _emit_event(command: str, job: str, extra: Callable[[], dict]) -> int:
+    """The move's model Asset event through Airflow's API, or a note saying why there is none."""
+    from airfed import asset_events
+
+    name = asset_events.model_asset_name(job)
+    try:
+        api = asset_events.AirflowApi.from_env()
+        if api is None:
+            print(f"note: no Asset event for {name} ({asset_events.URL_ENV} is not set): DAGs scheduled on it "
+                  f"do not run for this move")
+            return 0
+        event = api.emit(name, extra())
+    except asset_events.AirflowApiError as exc:
+        print(f"airfed {command}: error: champion moved, but the Asset event for {name} failed: {exc}",
+              file=sys.stderr)
+        return 1
+    print(f"asset event: {name} #{event.get('id')} on {api.url}")
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the spec's pydantic model; this module stays stdlib-only at run time
-    from fl_tasks.spec import Placement
+    from fl_tasks.spec import Placement, SecretRef
 
 #: Steps of one federated round, in order. Per-silo steps map over the job's silos.
 SERVER_STEPS = ("distribute", "aggregate", "register", "promote")
@@ -57,6 +57,9 @@ class StepCall:
     silo: str | None = None
     placement: Placement | None = None
     region: str | None = None
+    #: A regional-tier step's region-store credentials (its ``store_secrets``), kept apart from the
+    #: placement's own: the kubernetes runner exposes them under ``AIRFED_REGION_`` (``fl_tasks.regions``).
+    region_secrets: tuple[SecretRef, ...] = ()
 
     def as_kwargs(self) -> dict:
         """JSON-friendly form, used as the mapped kwargs of a per-silo (or per-region) task."""

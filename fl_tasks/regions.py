@@ -7,6 +7,8 @@ answer, :func:`step_stores`, so the fact "which store does this step touch" live
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +23,16 @@ if TYPE_CHECKING:
 STORE_URL_ENV = "AIRFED_STORE_URL"
 #: Env var of a regional-tier step's region store (its job-store side is ``AIRFED_STORE_URL``).
 REGION_STORE_URL_ENV = "AIRFED_REGION_STORE_URL"
+#: A regional-tier step's S3 settings for its region's store: the plain names with this prefix (on
+#: Kubernetes, the region's ``store_secrets`` reach these steps' pods under it), so the region's
+#: store can be another endpoint with other keys than the job's.
+REGION_ENV_PREFIX = "AIRFED_REGION_"
+#: S3 credentials: never taken from the job's side for the region's store once the region has its own.
+S3_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                      "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                      "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+#: Where the store is: the region's if given, else the job's.
+S3_LOCATION_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "SSL_CERT_FILE")
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,25 @@ def store_env(spec: JobSpec, step: str, *, silo: str | None = None, region: str 
     return {REGION_STORE_URL_ENV if step in REGION_STEPS else STORE_URL_ENV: url}
 
 
+def region_store_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment a regional-tier step opens its region's store with.
+
+    Without ``AIRFED_REGION_*`` S3 settings: ``environ`` itself (one endpoint and one key for both
+    stores, as a region that is a bucket or prefix beside the job's). With them: each prefixed
+    setting replaces its plain one, and credentials come from the prefixed ones only, so the job
+    store's key is never sent to the region's endpoint; an endpoint of its own without a key of its
+    own is refused."""
+    own = {var: environ[REGION_ENV_PREFIX + var] for var in (*S3_CREDENTIAL_VARS, *S3_LOCATION_VARS)
+           if environ.get(REGION_ENV_PREFIX + var)}
+    if not own:
+        return dict(environ)
+    if not any(var in own for var in S3_CREDENTIAL_VARS):
+        raise ValueError(f"{', '.join(REGION_ENV_PREFIX + v for v in own)} set but no {REGION_ENV_PREFIX}"
+                         f"AWS_ACCESS_KEY_ID (or another {REGION_ENV_PREFIX}AWS_* credential): the region's store "
+                         f"needs its own key; the job store's is not sent to it")
+    return {**{k: v for k, v in environ.items() if k not in S3_CREDENTIAL_VARS}, **own}
+
+
 def store_secrets(spec: JobSpec, *, silo: str | None = None, region: str | None = None) -> list[SecretRef]:
     """The region's store credentials a silo's (or the region's own) pods receive: only their region's."""
     home = region_of(spec, silo) if silo is not None else (region_named(spec, region) if region else None)
@@ -112,5 +143,5 @@ def region_stores(spec: JobSpec, job_store: Store) -> dict[str, Store]:
     stores: dict[str, Store] = {}
     for region in spec.regions:
         url = store_env(spec, "aggregate_region", region=region.name).get(REGION_STORE_URL_ENV)
-        stores[region.name] = open_store(url) if url else job_store
+        stores[region.name] = open_store(url, region_store_environ(os.environ)) if url else job_store
     return stores

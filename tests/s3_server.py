@@ -98,6 +98,10 @@ class EnforcingS3:
         key = iam.create_access_key(UserName=name)["AccessKey"]
         return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
+    def admin_env(self) -> dict[str, str]:
+        """The admin user's key as AWS_* env vars (allowed everything)."""
+        return {"AWS_ACCESS_KEY_ID": self.admin["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": self.admin["SecretAccessKey"]}
+
     def create_bucket(self, bucket: str) -> None:
         self._boto3.client(
             "s3", endpoint_url=self.endpoint, region_name="us-east-1",

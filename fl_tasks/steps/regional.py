@@ -2,7 +2,8 @@
 
 A regional-tier step (``distribute_region``, ``aggregate_region``, ``publish_region``,
 ``collect_region``) runs in its region's placement with two stores: the job's (``AIRFED_STORE_URL``,
-as every step) and the region's (``AIRFED_REGION_STORE_URL``; unset: the job's store itself). Only
+as every step) and the region's (``AIRFED_REGION_STORE_URL``; unset: the job's store itself), opened
+with the ``AIRFED_REGION_AWS_*`` settings when the region's store has an endpoint or keys of its own. Only
 these steps move objects between the two, and only these: the round's plan and global models down,
 the region's partial aggregate and the silos' small JSON records (manifests, verdicts, statuses,
 evaluations: counts, metrics and checksums) up. A silo's update object is never copied.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 
 from fl_tasks.records import ObjectRef, Plan, PlanRegion
-from fl_tasks.regions import REGION_STORE_URL_ENV
+from fl_tasks.regions import REGION_STORE_URL_ENV, region_store_environ
 from fl_tasks.steps.common import StepArgs, StepEnv, log, scratch_dir
 from fl_tasks.store import ObjectMissing, Store, open_store
 
@@ -27,7 +28,8 @@ class RegionEnv:
         self.job = env
         url = os.environ.get(REGION_STORE_URL_ENV)
         self.shared = not url  # the region keeps its objects in the job's store
-        self.region = env if self.shared else StepEnv(self._args(env.args), open_store(url))
+        self.region = env if self.shared else StepEnv(self._args(env.args),
+                                                      open_store(url, region_store_environ(os.environ)))
         self.name = env.args.region
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from fl_tasks.paths import airfed_home
@@ -38,8 +39,9 @@ def default_store_url() -> str:
     return os.environ.get("AIRFED_STORE_URL") or f"file://{airfed_home() / 'store'}"
 
 
-def open_store(url: str | None = None) -> Store:
-    """The store named by ``url`` (default ``AIRFED_STORE_URL``, else the local embedded store)."""
+def open_store(url: str | None = None, environ: Mapping[str, str] | None = None) -> Store:
+    """The store named by ``url`` (default ``AIRFED_STORE_URL``, else the local embedded store); an S3
+    store's endpoint and credentials from ``environ`` (default: this process's environment)."""
     url = url or default_store_url()
     parsed = urlparse(url)
     if parsed.scheme == "file" or (parsed.scheme == "" and url.startswith("/")):
@@ -49,7 +51,7 @@ def open_store(url: str | None = None) -> Store:
     if parsed.scheme == "s3":
         from fl_tasks.store.s3 import S3Store
 
-        return S3Store.from_url(url)
+        return S3Store.from_url(url, environ)
     raise ValueError(
         f"AIRFED_STORE_URL={url!r}: unsupported scheme {parsed.scheme!r}; use file:///path or s3://bucket/prefix"
     )

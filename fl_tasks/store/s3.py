@@ -42,7 +42,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -176,15 +176,15 @@ def parse_endpoint(endpoint: str) -> tuple[str, bool, str]:
     return netloc, parsed.scheme == "https", f"{parsed.scheme}://{netloc}"
 
 
-def _credentials_from_env() -> Provider | None:
-    access_key = os.environ.get("AWS_ACCESS_KEY_ID")
+def _credentials_from_env(environ: Mapping[str, str]) -> Provider | None:
+    access_key = environ.get("AWS_ACCESS_KEY_ID")
     if access_key:
-        secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY")
+        secret_key = environ.get("AWS_SECRET_ACCESS_KEY")
         if not secret_key:
             raise StoreError("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not")
-        return StaticProvider(access_key, secret_key, os.environ.get("AWS_SESSION_TOKEN") or None)
+        return StaticProvider(access_key, secret_key, environ.get("AWS_SESSION_TOKEN") or None)
     if any(
-        os.environ.get(name)
+        environ.get(name)
         for name in (
             "AWS_WEB_IDENTITY_TOKEN_FILE",
             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
@@ -209,15 +209,19 @@ class S3Store(Store):
         retries: int | None = None,
         backoff: float | None = None,
         part_size: int = PART_SIZE,
+        environ: Mapping[str, str] | None = None,
     ):
+        """Endpoint, region and credentials not given come from ``environ`` (default: this process's
+        environment): a regional-tier step opens its region's store with other settings than the job's."""
+        environ = os.environ if environ is None else environ
         if not bucket:
             raise ValueError("S3 store URL needs a bucket: s3://bucket/prefix")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint or environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
         netloc, secure, self.endpoint = parse_endpoint(endpoint or DEFAULT_ENDPOINT)
-        self.region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+        self.region = region or environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
         if retries is None:
             retries = env_number("AIRFED_S3_RETRIES", DEFAULT_RETRIES, int, "an integer")
         if backoff is None:
@@ -225,13 +229,13 @@ class S3Store(Store):
         self.retries, self.backoff = retries, backoff
         self.part_size = part_size
         if credentials is None:
-            credentials = _credentials_from_env()
+            credentials = _credentials_from_env(environ)
         transport_retries = TRANSPORT_RETRIES if self.retries > 0 else 0
         http = urllib3.PoolManager(
             timeout=Timeout(connect=30, read=300),
             maxsize=10,
             cert_reqs="CERT_REQUIRED",
-            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            ca_certs=environ.get("SSL_CERT_FILE") or certifi.where(),
             retries=Retry(
                 total=transport_retries,
                 connect=transport_retries,
@@ -249,8 +253,8 @@ class S3Store(Store):
         self._client = Minio(netloc, secure=secure, region=self.region, credentials=credentials, http_client=http)
 
     @classmethod
-    def from_url(cls, url: str) -> S3Store:
-        """``s3://bucket/prefix`` with endpoint and credentials from the environment."""
+    def from_url(cls, url: str, environ: Mapping[str, str] | None = None) -> S3Store:
+        """``s3://bucket/prefix`` with endpoint and credentials from the environment (or ``environ``)."""
         parsed = urlparse(url)
         if parsed.scheme != "s3":
             raise ValueError(f"not an s3:// URL: {parsed.scheme}://{parsed.hostname or ''}")
@@ -259,7 +263,7 @@ class S3Store(Store):
                 "credentials in the store URL are not supported; set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY instead"
             )
-        return cls(parsed.netloc, parsed.path)
+        return cls(parsed.netloc, parsed.path, environ=environ)
 
     def __repr__(self) -> str:
         return f"S3Store({self.url!r}, endpoint={self.endpoint!r})"

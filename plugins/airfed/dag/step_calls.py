@@ -73,8 +73,8 @@ def round_calls(spec: JobSpec, refs: RoundRefs) -> dict[str, StepCall | list[Ste
 
 
 def region_calls(spec: JobSpec, refs: RoundRefs, step: str) -> list[StepCall]:
-    """One StepCall per region of a regional-tier step: the region's placement, with its store's URL
-    and credentials (and those of no other region)."""
+    """One StepCall per region of a regional-tier step: the region's placement (its key to the job's
+    store), its store's URL and, apart, its store's credentials (and those of no other region)."""
     env = {**job_env(spec), TIMEOUT_ENV: str(spec.execution.server_timeout_seconds)}
     return [
         StepCall(
@@ -82,8 +82,9 @@ def region_calls(spec: JobSpec, refs: RoundRefs, step: str) -> list[StepCall]:
             step_argv(step, job=spec.job, round_ref=refs.round, run_id=refs.run_id, region=region.name),
             {**env, **regions.store_env(spec, step, region=region.name)},
             None,
-            _with_store_secrets(region.placement, region.store_secrets),
+            region.placement,
             region=region.name,
+            region_secrets=tuple(region.store_secrets),
         )
         for region in spec.regions
     ]

@@ -39,6 +39,7 @@ from kubernetes.client import models as k8s
 from airfed.runners import OperatorFactory
 from airfed.ui.links import step_links
 from fl_tasks.contract import REGION_STEPS, RESULT_FILE_ENV, SERVER_STEPS, SILO_STEPS, SKIP_EXIT_CODE, StepCall
+from fl_tasks.regions import REGION_ENV_PREFIX
 from fl_tasks.spec import JobSpec, Placement, SecretRef
 
 #: Where the provider's xcom sidecar reads a pod's result from (``PodDefaults.XCOM_MOUNT_PATH``).
@@ -69,6 +70,18 @@ def secret_object(ref: SecretRef) -> Secret:
     if ref.key:
         return Secret("env", ref.env or ref.key, ref.secret, ref.key)
     return Secret("env", None, ref.secret)
+
+
+def region_secret_kwargs(refs: list[SecretRef]) -> dict[str, list[Any]]:
+    """A regional-tier pod's region-store credentials under ``AIRFED_REGION_`` (``fl_tasks.regions``): one key
+    → ``secretKeyRef`` with the prefixed name, no key → ``envFrom`` with the prefix. Its own key to the
+    job's store stays in the placement's plain ``AWS_*``; in one pod, the two never overwrite each other."""
+    return {
+        "secrets": [Secret("env", REGION_ENV_PREFIX + (ref.env or ref.key), ref.secret, ref.key)
+                    for ref in refs if ref.key],
+        "env_from": [k8s.V1EnvFromSource(prefix=REGION_ENV_PREFIX, secret_ref=k8s.V1SecretEnvSource(name=ref.secret))
+                     for ref in refs if not ref.key],
+    }
 
 
 def placement_pod_kwargs(placement: Placement) -> dict[str, Any]:
@@ -120,10 +133,17 @@ class FlStepPodOperator(KubernetesPodOperator):
         silo: str | None = None,
         placement: Placement | dict[str, Any] | None = None,
         region: str | None = None,
+        region_secrets: list[SecretRef | dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         placement = placement if isinstance(placement, Placement) else Placement.model_validate(placement or {})
-        super().__init__(**placement_pod_kwargs(placement), **kwargs)
+        pod = placement_pod_kwargs(placement)
+        if region_secrets:
+            refs = [r if isinstance(r, SecretRef) else SecretRef.model_validate(r) for r in region_secrets]
+            extra = region_secret_kwargs(refs)
+            pod["secrets"] = [*pod["secrets"], *extra["secrets"]]
+            kwargs["env_from"] = [*(kwargs.get("env_from") or []), *extra["env_from"]]
+        super().__init__(**pod, **kwargs)
         self.step = step
         self.silo = silo
         self.region = region
@@ -190,7 +210,7 @@ def step_kwargs(spec: JobSpec, step: str, options: dict[str, Any]) -> dict[str, 
 def pod_kwargs(spec: JobSpec, call: StepCall) -> dict[str, Any]:
     """Arguments of one pod: the StepCall's argv and env, its labels, name and placement (plain data)."""
     placement = call.placement.model_dump(mode="json", exclude_defaults=True) if call.placement else {}
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "silo": call.silo,
         "name": pod_name(spec, call.step, call.silo or call.region),
         "cmds": call.argv[:1],
@@ -201,6 +221,8 @@ def pod_kwargs(spec: JobSpec, call: StepCall) -> dict[str, Any]:
     }
     if call.region is not None:
         kwargs["region"] = call.region
+    if call.region_secrets:
+        kwargs["region_secrets"] = [ref.model_dump(mode="json", exclude_none=True) for ref in call.region_secrets]
     return kwargs
 
 

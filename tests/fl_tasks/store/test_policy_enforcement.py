@@ -14,7 +14,9 @@ with the policy ``fl_tasks.policies`` generates for it (AWS format). Then:
 - a round of a job with regions (dags/digits_regions.yaml, each region's store a bucket or prefix of
   its own on the same server) commits with every silo, regional aggregator and the server on its own
   key, while a silo of region eu cannot write into region us's store or the job's partials, and the
-  server's key cannot read a region's store.
+  server's key cannot read a region's store;
+- the same round with region eu's store on a second S3 endpoint (a moto server process of its own)
+  with keys of its own there: eu's aggregator holds both keys (``AWS_*`` and ``AIRFED_REGION_AWS_*``).
 """
 
 from __future__ import annotations
@@ -311,3 +313,131 @@ def test_a_regional_round_commits_with_every_region_on_its_own_keys(airfed_home,
         for region in ("eu", "asia"):
             refused(lambda name=name, region=region: store_as(enforcing_s3, users[name], stores[region]).get_bytes(
                 keys.update(1, f"{region}-tokyo" if region == "asia" else "eu-berlin")))
+
+
+@contextmanager
+def separate_s3_endpoint() -> Iterator[EnforcingS3]:
+    """A second, independent S3 endpoint enforcing IAM: moto's server in a process of its own (moto's
+    state is per process, so a second threaded server here would share the first one's buckets and users)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the second S3 endpoint did not start"
+                time.sleep(0.2)
+        s3 = EnforcingS3(endpoint)
+        s3.set_no_auth_budget(0)
+        yield s3
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.usefixtures("identities")  # the job's bucket
+def test_a_region_on_its_own_s3_endpoint_keeps_its_own_keys(airfed_home, enforcing_s3, monkeypatch):
+    """Region eu's store on another S3 endpoint (another MinIO, in the region) with keys of its own there:
+    eu's regional aggregator holds two keys, its job-store key as ``AWS_*`` and its region-store key as
+    ``AIRFED_REGION_AWS_*`` (what the kubernetes runner gives its pod), and the round commits; without
+    the second key the job store's key is never sent to the region's endpoint."""
+    spec = load_spec(REPO / "dags" / "digits_regions.yaml")
+    eu_store = "s3://region-eu-own/fl"
+    # a job store of its own in the module's bucket (the other regional test's job has the same name)
+    job_url, job_at = f"s3://{BUCKET}/own", StoreLocation(BUCKET, "own")
+    stores = {"us": f"s3://{BUCKET}/own-us", "eu": eu_store, "asia": f"s3://{BUCKET}/own-asia"}
+    spec = spec.model_copy(update={
+        "training": {**spec.training, "local-epochs": 1},
+        "regions": [r.model_copy(update={"store": stores[r.name]}) for r in spec.regions]})
+    payload = spec.step_payload()
+    assert prepare_data.main([payload]) == 0
+    monkeypatch.setenv(SPEC_ENV, payload)
+    result = generate(spec, "aws", job_url)
+    tag = "own-endpoint-"  # IAM user names of this test on the shared server
+    on_job_endpoint = {name: enforcing_s3.create_user(tag + name, policy,
+                                                      *([MOTO_HEAD_BUCKET] if name == result.server else []))
+                       for name, policy in result.policies.items()}
+    job, keys, run = spec.job, JobKeys(spec.job), "manual__own-endpoint"
+    eu_silos = [s.name for s in silos_of(spec, "eu")]
+
+    with separate_s3_endpoint() as eu_endpoint:
+        eu_endpoint.create_bucket("region-eu-own")
+        # region eu's keys on its own endpoint: its aggregator's and each of its silos' generated policy
+        eu_identities = [result.region_names["eu"], *(result.silo_names[s] for s in eu_silos)]
+        on_eu_endpoint = {name: eu_endpoint.create_user(name, result.policies[name]) for name in eu_identities}
+
+        def run_step(argv: list[str], endpoint: str, creds: dict[str, str], store: str = job_url,
+                     region_store: str | None = None, region_env: dict[str, str] | None = None) -> int:
+            with acting_as(monkeypatch, endpoint, creds, store=store, region_store=region_store), \
+                    monkeypatch.context() as env:
+                for name, value in (region_env or {}).items():
+                    env.setenv(name, value)
+                return step_main([*argv, "--job", job, "--round", "1", "--run-id", run])
+
+        def regional(step_name: str, region: str, region_env: dict[str, str] | None = None) -> int:
+            identity = result.region_names[region]
+            if region == "eu" and region_env is None:
+                key = on_eu_endpoint[identity]
+                region_env = {"AIRFED_REGION_AWS_ENDPOINT_URL": eu_endpoint.endpoint,
+                              "AIRFED_REGION_AWS_ACCESS_KEY_ID": key["AWS_ACCESS_KEY_ID"],
+                              "AIRFED_REGION_AWS_SECRET_ACCESS_KEY": key["AWS_SECRET_ACCESS_KEY"]}
+            return run_step([step_name, "--region", region], enforcing_s3.endpoint, on_job_endpoint[identity],
+                            region_store=stores[region], region_env=region_env)
+
+        def per_silo(step_name: str, silo: str, region: str) -> int:
+            identity = result.silo_names[silo]
+            if region == "eu":
+                return run_step([step_name, "--silo", silo], eu_endpoint.endpoint, on_eu_endpoint[identity],
+                                store=eu_store)
+            return run_step([step_name, "--silo", silo], enforcing_s3.endpoint, on_job_endpoint[identity],
+                            store=stores[region])
+
+        assert run_step(["distribute"], enforcing_s3.endpoint, on_job_endpoint[result.server]) == 0
+        # eu's aggregator with the job store's settings only: the region's bucket is not on that endpoint
+        with pytest.raises(StoreError, match=f"region-eu-own/.* failed at {enforcing_s3.endpoint}: NoSuchBucket"):
+            regional("distribute_region", "eu", region_env={})
+        # the region's endpoint named without a key of its own: refused before any request
+        with pytest.raises(ValueError, match="the region's store needs its own key; the job store's is not sent"):
+            regional("distribute_region", "eu", region_env={"AIRFED_REGION_AWS_ENDPOINT_URL": eu_endpoint.endpoint})
+        for region in spec.regions:
+            assert regional("distribute_region", region.name) == 0
+            for silo in silos_of(spec, region.name):
+                assert per_silo("train", silo.name, region.name) == 0
+                assert per_silo("validate", silo.name, region.name) == 0
+            assert regional("aggregate_region", region.name) == 0
+        assert run_step(["aggregate"], enforcing_s3.endpoint, on_job_endpoint[result.server]) == 0
+        for region in spec.regions:
+            assert regional("publish_region", region.name) == 0
+            for silo in silos_of(spec, region.name):
+                assert per_silo("evaluate", silo.name, region.name) == 0
+            assert regional("collect_region", region.name) == 0
+        assert run_step(["register"], enforcing_s3.endpoint, on_job_endpoint[result.server]) == 0
+
+        ui = store_as(enforcing_s3, on_job_endpoint[result.ui], job_at)
+        head = ui.get_record(keys.head, Head)
+        committed = ui.get_record(keys.result(1), Result, head.result_sha256)
+        assert head.round == 1 and committed.committed and committed.regions is not None
+        assert {n for n, o in committed.regions.items() if o.contributed} == {"us", "eu", "asia"}
+        assert sorted(committed.accepted) == sorted(s.name for s in spec.silos)
+        # eu's updates live on eu's endpoint only, checksums as the aggregator verified them
+        eu_aggregator = on_eu_endpoint[result.region_names["eu"]]
+        at_home = store_as(eu_endpoint, eu_aggregator, StoreLocation.parse(eu_store, "eu"))
+        for silo in eu_silos:
+            assert committed.accepted[silo].sha256 == at_home.get_record(keys.manifest(1, silo), Manifest).sha256
+            assert not ui.exists(keys.update(1, silo))
+        with pytest.raises(ObjectMissing, match="bucket 'region-eu-own' does not exist"):  # not on the job's endpoint
+            store_as(enforcing_s3, enforcing_s3.admin_env(), StoreLocation.parse(eu_store, "eu")).get_bytes(
+                keys.update(1, eu_silos[0]))

@@ -11,7 +11,7 @@ import yaml
 from helpers import REPO
 
 from fl_tasks.contract import REGIONAL_ROUND_STEPS, ROUND_STEPS
-from fl_tasks.regions import REGION_STORE_URL_ENV, STORE_URL_ENV, step_stores
+from fl_tasks.regions import REGION_ENV_PREFIX, REGION_STORE_URL_ENV, STORE_URL_ENV, step_stores
 
 BASE = textwrap.dedent("""\
     job: regional
@@ -231,9 +231,20 @@ def test_rendered_pods_keep_each_region_store_credentials_in_that_region(tmp_pat
         home = pod.region or silo_region[pod.silo]
         assert secrets & all_regional == regional[home], (pod.task_id, pod.silo, pod.region, secrets)
         assert doc["metadata"]["namespace"] == f"fl-{home}"
+        container = doc["spec"]["containers"][0]
+        prefixes = {source["secretRef"]["name"]: source.get("prefix") for source in container.get("envFrom") or []}
+        key_refs = {e["valueFrom"]["secretKeyRef"]["name"]: e["name"] for e in container.get("env") or []
+                    if "valueFrom" in e}
         if pod.region:  # the regional aggregator: both stores, its region's by URL
             assert env[REGION_STORE_URL_ENV] == f"s3://fl-{home}/airfed"
             assert doc["metadata"]["labels"]["airfed/region"] == home
-        else:  # a silo step sees only its region's store
+            # the region store's key under AIRFED_REGION_, its own key to the job's store as plain AWS_*
+            if home == "eu":
+                assert prefixes == {"eu-partials-writer": None, "eu-store": REGION_ENV_PREFIX}, prefixes
+            else:
+                assert key_refs == {"us-store": f"{REGION_ENV_PREFIX}AWS_SECRET_ACCESS_KEY"}, key_refs
+        else:  # a silo step sees only its region's store, its key as plain AWS_*
             assert env[STORE_URL_ENV] == f"s3://fl-{home}/airfed" and REGION_STORE_URL_ENV not in env
+            assert all(prefix is None for prefix in prefixes.values()), prefixes
+            assert all(not name.startswith(REGION_ENV_PREFIX) for name in key_refs.values()), key_refs
     assert "# aggregate_region[eu] | Airflow connection: k8s_eu" in text

@@ -43,10 +43,10 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
 def stop_warm_servers(run_dir: Path) -> list[int]:
     """Stop every warm step server listening in ``run_dir``; assert none is left running."""
     from fl_tasks.warm import stop_servers
-    from fl_tasks.warm.launch import _alive
+    from fl_tasks.warm.launch import process_alive
 
     pids = stop_servers(run_dir, timeout=20)
-    assert not [p for p in pids if _alive(p)], f"warm servers still running: {pids}"
+    assert not [p for p in pids if process_alive(p)], f"warm servers still running: {pids}"
     return pids
 
 

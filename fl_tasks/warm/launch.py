@@ -512,7 +512,8 @@ def request_op(path: Path, op: str) -> dict | None:
         return protocol.FrameReader(sock).read()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: it has exited and waits only to be reaped)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -543,15 +544,15 @@ def stop_servers(run_dir: str | os.PathLike[str], timeout: float = 30.0) -> list
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
             for pid in pids:
-                if _alive(pid):
+                if process_alive(pid):
                     try:
                         os.kill(pid, sig)
                     except ProcessLookupError:
                         pass
             deadline = time.monotonic() + 10.0
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if not any(_alive(pid) for pid in pids):
+        if not any(process_alive(pid) for pid in pids):
             break
     return pids
 

@@ -89,6 +89,11 @@ def test_every_dag_run_is_one_finished_round_and_none_is_left_queued(runs):
     assert [p["dag_run_id"] for p in plans] == first["dag_run_ids"] + second["dag_run_ids"]
     assert {p["chain_id"] for p in plans[:FIRST]} == {first["dag_run_id"]}
     assert {p["chain_id"] for p in plans[FIRST:]} == {second["dag_run_id"]}
+    # the steps' extra links ask for the round's register result only from register itself: no
+    # "XCom not found" errors in the log for the steps that run before it
+    missing = [line for log in (home / "logs").glob("run-*.log") for line in log.read_text().splitlines()
+               if "XCom not found" in line]
+    assert not [line for line in missing if "for task 'register'" in line], missing[:3]
 
 
 def test_every_recorded_sha256_matches_its_object(runs):

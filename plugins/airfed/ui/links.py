@@ -3,9 +3,9 @@
 Airflow 3 computes an operator's extra links in the task process when the task finishes
 (``get_link(operator, ti_key=...)``) and stores each URL as an XCom (``_link_<class name>``); the UI
 reads that XCom back. A DAG run is one round: the links resolve from the run's ``register`` result
-(its return-value XCom: experiment id, run id, model name and version), or, for the register task
-itself, from the round's ``registry.json`` in the store when the XCom is missing. A task that
-finishes before its round is registered has no link (empty string), which the UI does not show.
+(its return-value XCom: experiment id, run id, model name and version), or from the round's
+``registry.json`` in the store when the XCom is missing. The other steps finish before their round
+is registered: they have no link (empty string), which the UI does not show.
 
 The MLflow UI base URL is ``MLFLOW_UI_URL`` (``airfed up`` sets it to the server it starts), else the
 tracking URI when that is an http(s) server, else ``http://localhost:5000``.
@@ -65,12 +65,15 @@ def step_result(ti_key: Any, step: str) -> Any:
 
 
 def round_summary(operator: Any, ti_key: Any) -> dict | None:
-    """The register result of the round (this DAG run), or None while there is none."""
+    """The register result of the round (this DAG run), or None while there is none.
+
+    Only ``register`` looks: every other step finishes before its round is registered, so its links
+    are empty, and asking for a missing XCom makes Airflow's client log an error for each."""
+    if getattr(operator, "step", None) != "register":
+        return None
     summary = step_result(ti_key, "register")
     if isinstance(summary, dict) and summary.get("mlflow_run_id"):
         return summary
-    if getattr(operator, "step", None) != "register":
-        return None
     plan = step_result(ti_key, "distribute")
     if not isinstance(plan, dict) or "round" not in plan:
         return None

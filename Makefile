@@ -8,12 +8,13 @@ ROUNDS ?= 5
 
 .PHONY: install demo test test-quick test-deployed lint rehearse
 
-$(BIN)/airfed: pyproject.toml constraints.txt
+# The dev venv: uv (pinned by constraints.txt) installs airfed[dev] through images/install_env.py, the
+# script the images and the rehearsal install with: torch first and pinned (constraints.txt; an
+# unpinned torch pulls several GB of CUDA packages), everything at its pin, airfed editable.
+$(BIN)/airfed: pyproject.toml constraints.txt images/install_env.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel; an unpinned torch pulls several GB of CUDA packages
-	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt uv
+	$(BIN)/python images/install_env.py install dev --python $(BIN)/python --installer uv --editable
 	touch $(BIN)/airfed
 
 install: $(BIN)/airfed

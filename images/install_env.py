@@ -9,6 +9,7 @@ this script, so an image and its rehearsal cannot drift apart.
 
     python images/install_env.py install SIDE [--venv DIR | --python PY] [--deps-only | --project-only]
                                               [--torch-index-url URL] [--no-cache-dir] [--installer uv|pip]
+                                              [--editable]
     python images/install_env.py check SIDE [--python PY] [--installer uv|pip]
     python images/install_env.py requirements SIDE
     python images/install_env.py example-data SPEC.yaml [--python PY]
@@ -192,10 +193,11 @@ def install_deps(side: str, python: str, project: Path, torch_index_url: str | N
     run([*installer.install(python), "-c", constraints, *reqs])
 
 
-def install_project(python: str, project: Path, installer: Installer) -> None:
-    # A wheel built from the sources (as in an image), never an editable install; --no-deps: the
-    # side's dependencies were installed by install_deps, the other side's must stay out.
-    run([*installer.install(python), "--no-deps", installer.reinstall(), str(project)])
+def install_project(python: str, project: Path, installer: Installer, editable: bool = False) -> None:
+    # A wheel built from the sources (as in an image; editable only for the dev venv, ``make install``);
+    # --no-deps: the side's dependencies were installed by install_deps, the other side's must stay out.
+    target = ["-e", str(project)] if editable else [installer.reinstall(), str(project)]
+    run([*installer.install(python), "--no-deps", *target])
 
 
 _PROBE = """
@@ -310,6 +312,8 @@ def _main(argv: list[str] | None = None) -> int:
     p_install.add_argument("--installer", choices=INSTALLERS, default="auto",
                            help="auto (default): uv if found, else pip")
     p_install.add_argument("--project", type=Path, default=PROJECT, help="the airfed source tree")
+    p_install.add_argument("--editable", action="store_true",
+                           help="airfed as an editable install of the source tree (the dev venv, make install)")
 
     p_check = sub.add_parser("check", help="forbidden packages absent, all pinned, pip check, entry modules import")
     p_check.add_argument("side", choices=SIDES)
@@ -328,7 +332,8 @@ def _main(argv: list[str] | None = None) -> int:
     if ns.command == "requirements":
         print("\n".join(requirements(ns.side, ns.project)))
         return 0
-    python = ns.python or sys.executable
+    # a path is made absolute: the checks run the interpreter from / (never a source tree's imports)
+    python = os.path.abspath(ns.python) if ns.python and os.sep in ns.python else (ns.python or sys.executable)
     if ns.command == "install":
         installer = Installer.choose(ns.installer, ns.no_cache_dir)
         print(f"install_env: installing the {ns.side} side with {installer.uv or 'pip'}", flush=True)
@@ -337,7 +342,7 @@ def _main(argv: list[str] | None = None) -> int:
         if not ns.project_only:
             install_deps(ns.side, python, ns.project, ns.torch_index_url, installer)
         if not ns.deps_only:
-            install_project(python, ns.project, installer)
+            install_project(python, ns.project, installer, ns.editable)
             check(ns.side, python, installer, ns.project)
     elif ns.command == "check":
         check(ns.side, python, Installer.choose(ns.installer, no_cache_dir=False))

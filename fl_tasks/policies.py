@@ -221,7 +221,8 @@ def region_policy(job_store: StoreLocation, region_store: StoreLocation | None, 
                   silos: list[str], fmt: Format) -> dict[str, Any]:
     """A regional aggregator's policy. ``region_store`` None: the region keeps its objects in the job's
     store, so nothing is copied and the aggregator reads its silos' objects there."""
-    downs = [any_round(keys, keys.plan), any_round(keys, keys.global_model), any_round(keys, keys.result)]
+    # HEAD: publish_region reads the result against it and copies it down for the region's evaluate
+    downs = [any_round(keys, keys.plan), any_round(keys, keys.global_model), any_round(keys, keys.result), keys.head]
     home = region_store or job_store
     own_silos = [k for silo in silos for k in silo_objects(keys, silo)]
     statements = [
@@ -386,7 +387,7 @@ def check_isolation(result: JobPolicies, where: JobStores) -> None:
     """Raise :class:`PolicyError` unless, on sample keys of two rounds in every store of the job: a
     silo's policy reads and writes its own keys in its own store only and writes nothing of the
     server's or a region's; a regional aggregator's writes only its own partial, its own silos' JSON
-    records in the job's store and the round's plan, globals and result in its region's store, and
+    records in the job's store and the round's plan, globals, result and HEAD in its region's store, and
     reads no other region's silos; the server's and the UI's touch no region's own store; the UI's
     writes nothing."""
     keys = JobKeys(result.job)
@@ -417,9 +418,10 @@ def check_isolation(result: JobPolicies, where: JobStores) -> None:
         for key in (*server_keys, *round_keys):
             for name in [*result.silo_names.values(), result.ui]:
                 _expect(result, name, "s3:PutObject", store.arn(key), False)
-            for region, name in result.region_names.items():  # copies the round down into its own store
+            for region, name in result.region_names.items():  # copies the round (and HEAD) down into its own store
                 own_store = store == where.regions[region]
-                _expect(result, name, "s3:PutObject", store.arn(key), key in round_keys and own_store)
+                _expect(result, name, "s3:PutObject", store.arn(key),
+                        (key in round_keys or key == keys.head) and own_store)
         if store not in where.global_tier:  # a region's own store: the global tier never reaches it
             for key in (keys.update(1, "x"), keys.plan(1), keys.head):
                 for name in (result.server, result.ui):

@@ -177,3 +177,31 @@ def test_regional_rounds_keep_updates_home_and_equal_flat_fedavg(regional, airfe
     assert report.failures == 1
     assert any(ln.startswith(f"FAIL  {update_key}: region eu: update of eu-paris: stored object has sha256")
                for ln in lines), lines
+
+
+def test_the_regions_read_the_committed_result_against_head(regional, airfed_home, monkeypatch):
+    """publish_region reads result.json against HEAD's sha256 in the job's store and copies HEAD down
+    with it, so evaluate in a region with a store of its own checks the result it reads there too."""
+    from fl_tasks.store import ChecksumMismatch
+
+    spec, home = regional, airfed_home
+    keys = JobKeys(spec.job)
+    r = run_round(monkeypatch, spec, home, "run-1")
+    assert step_main(["aggregate", "--job", spec.job, "--round", str(r), "--run-id", "run-1"]) == 0
+    job_store, eu = open_store(), open_store(region_url(home, "eu"))
+    committed = job_store.get_bytes(keys.result(r))
+    forged = job_store.get_record(keys.result(r), Result).model_copy(update={"rejected": {"eu-berlin": "forged"}})
+
+    job_store.put_record(keys.result(r), forged)
+    with pytest.raises(ChecksumMismatch, match=r"result\.json"):
+        run_step(monkeypatch, "publish_region", spec.job, "run-1", r, region="eu", region_store=region_url(home, "eu"))
+    job_store.put_bytes(keys.result(r), committed)
+    assert run_step(monkeypatch, "publish_region", spec.job, "run-1", r, region="eu",
+                    region_store=region_url(home, "eu")) == 0
+    assert eu.get_bytes(keys.head) == job_store.get_bytes(keys.head)
+
+    eu.put_record(keys.result(r), forged)  # swapped in the region's store after publishing
+    with pytest.raises(ChecksumMismatch, match=r"result\.json"):
+        run_step(monkeypatch, "evaluate", spec.job, "run-1", r, silo="eu-berlin", store=region_url(home, "eu"))
+    eu.put_bytes(keys.result(r), committed)
+    assert run_step(monkeypatch, "evaluate", spec.job, "run-1", r, silo="eu-berlin", store=region_url(home, "eu")) == 0

@@ -8,6 +8,7 @@ answer, :func:`step_stores`, so the fact "which store does this step touch" live
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -95,23 +96,32 @@ def store_env(spec: JobSpec, step: str, *, silo: str | None = None, region: str 
     return {REGION_STORE_URL_ENV if step in REGION_STEPS else STORE_URL_ENV: url}
 
 
-def region_store_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment a regional-tier step opens its region's store with.
+def region_env_prefix(region: str) -> str:
+    """``AIRFED_REGION_<NAME>_``: settings for one named region's store (``eu-west`` → ``EU_WEST``)."""
+    return f"{REGION_ENV_PREFIX}{re.sub(r'[^A-Z0-9]', '_', region.upper())}_"
 
-    Without ``AIRFED_REGION_*`` S3 settings: ``environ`` itself (one endpoint and one key for both
-    stores, as a region that is a bucket or prefix beside the job's). With them: each prefixed
-    setting replaces its plain one, and credentials come from the prefixed ones only, so the job
-    store's key is never sent to the region's endpoint; an endpoint of its own without a key of its
-    own is refused."""
-    own = {var: environ[REGION_ENV_PREFIX + var] for var in (*S3_CREDENTIAL_VARS, *S3_LOCATION_VARS)
-           if environ.get(REGION_ENV_PREFIX + var)}
-    if not own:
-        return dict(environ)
-    if not any(var in own for var in S3_CREDENTIAL_VARS):
-        raise ValueError(f"{', '.join(REGION_ENV_PREFIX + v for v in own)} set but no {REGION_ENV_PREFIX}"
-                         f"AWS_ACCESS_KEY_ID (or another {REGION_ENV_PREFIX}AWS_* credential): the region's store "
-                         f"needs its own key; the job store's is not sent to it")
-    return {**{k: v for k, v in environ.items() if k not in S3_CREDENTIAL_VARS}, **own}
+
+def region_store_environ(environ: Mapping[str, str], region: str | None = None) -> dict[str, str]:
+    """The environment a regional-tier step (or ``airfed verify``) opens ``region``'s store with.
+
+    The region's S3 settings are the first of: ``AIRFED_REGION_<NAME>_AWS_*`` (one worker or one
+    auditor holding keys for several regions), ``AIRFED_REGION_AWS_*`` (what a regional pod gets from
+    its region's ``store_secrets``), else ``environ`` itself (one endpoint and one key for both stores,
+    as a region that is a bucket or prefix beside the job's). With region settings, each replaces its
+    plain one and credentials come from them only, so the job store's key is never sent to the
+    region's endpoint; an endpoint of its own without a key of its own is refused."""
+    prefixes = [region_env_prefix(region)] if region else []
+    for prefix in [*prefixes, REGION_ENV_PREFIX]:
+        own = {var: environ[prefix + var] for var in (*S3_CREDENTIAL_VARS, *S3_LOCATION_VARS)
+               if environ.get(prefix + var)}
+        if not own:
+            continue
+        if not any(var in own for var in S3_CREDENTIAL_VARS):
+            raise ValueError(f"{', '.join(prefix + v for v in own)} set but no {prefix}AWS_ACCESS_KEY_ID (or "
+                             f"another {prefix}AWS_* credential): the region's store needs its own key; the job "
+                             f"store's is not sent to it")
+        return {**{k: v for k, v in environ.items() if k not in S3_CREDENTIAL_VARS}, **own}
+    return dict(environ)
 
 
 def store_secrets(spec: JobSpec, *, silo: str | None = None, region: str | None = None) -> list[SecretRef]:
@@ -143,5 +153,5 @@ def region_stores(spec: JobSpec, job_store: Store) -> dict[str, Store]:
     stores: dict[str, Store] = {}
     for region in spec.regions:
         url = store_env(spec, "aggregate_region", region=region.name).get(REGION_STORE_URL_ENV)
-        stores[region.name] = open_store(url, region_store_environ(os.environ)) if url else job_store
+        stores[region.name] = open_store(url, region_store_environ(os.environ, region.name)) if url else job_store
     return stores

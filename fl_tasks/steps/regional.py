@@ -29,7 +29,8 @@ class RegionEnv:
         url = os.environ.get(REGION_STORE_URL_ENV)
         self.shared = not url  # the region keeps its objects in the job's store
         self.region = env if self.shared else StepEnv(self._args(env.args),
-                                                      open_store(url, region_store_environ(os.environ)))
+                                                      open_store(url, region_store_environ(os.environ,
+                                                                                           env.args.region)))
         self.name = env.args.region
 
     @staticmethod

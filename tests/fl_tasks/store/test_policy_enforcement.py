@@ -33,13 +33,13 @@ from minio.error import S3Error
 from round_steps import SILOS, step
 from s3_server import _CLEARED, EnforcingS3, enforcing_s3_server
 
-from fl_tasks import prepare_data
+from fl_tasks import audit, prepare_data
 from fl_tasks.__main__ import main as step_main
 from fl_tasks.contract import SPEC_ENV
 from fl_tasks.policies import JobPolicies, StoreLocation, generate
 from fl_tasks.records import Head, Manifest, RegionPartial, RegistrySummary, Result, Verdict
-from fl_tasks.regions import REGION_STORE_URL_ENV, silos_of
-from fl_tasks.store import JobKeys, ObjectMissing, StoreError
+from fl_tasks.regions import REGION_STORE_URL_ENV, region_stores, silos_of
+from fl_tasks.store import JobKeys, ObjectMissing, StoreError, open_store
 from fl_tasks.store.s3 import MIB, S3Store
 
 BUCKET = "airfed-enforced"
@@ -441,3 +441,15 @@ def test_a_region_on_its_own_s3_endpoint_keeps_its_own_keys(airfed_home, enforci
         with pytest.raises(ObjectMissing, match="bucket 'region-eu-own' does not exist"):  # not on the job's endpoint
             store_as(enforcing_s3, enforcing_s3.admin_env(), StoreLocation.parse(eu_store, "eu")).get_bytes(
                 keys.update(1, eu_silos[0]))
+
+        # airfed verify as an auditor: a key for the job's endpoint, and eu's under AIRFED_REGION_EU_
+        eu_key = on_eu_endpoint[result.region_names["eu"]]
+        auditor = enforcing_s3.admin_env()
+        with acting_as(monkeypatch, enforcing_s3.endpoint, auditor, store=job_url), monkeypatch.context() as env:
+            env.setenv("AIRFED_REGION_EU_AWS_ENDPOINT_URL", eu_endpoint.endpoint)
+            env.setenv("AIRFED_REGION_EU_AWS_ACCESS_KEY_ID", eu_key["AWS_ACCESS_KEY_ID"])
+            env.setenv("AIRFED_REGION_EU_AWS_SECRET_ACCESS_KEY", eu_key["AWS_SECRET_ACCESS_KEY"])
+            job_store = open_store(job_url)
+            lines: list[str] = []
+            assert audit.verify_job(job_store, job, audit.Report(lines.append), all_rounds=True,
+                                    region_stores=region_stores(spec, job_store)) == [1], lines

@@ -11,7 +11,13 @@ import yaml
 from helpers import REPO
 
 from fl_tasks.contract import REGIONAL_ROUND_STEPS, ROUND_STEPS
-from fl_tasks.regions import REGION_ENV_PREFIX, REGION_STORE_URL_ENV, STORE_URL_ENV, step_stores
+from fl_tasks.regions import (
+    REGION_ENV_PREFIX,
+    REGION_STORE_URL_ENV,
+    STORE_URL_ENV,
+    region_store_environ,
+    step_stores,
+)
 
 BASE = textwrap.dedent("""\
     job: regional
@@ -248,3 +254,26 @@ def test_rendered_pods_keep_each_region_store_credentials_in_that_region(tmp_pat
             assert all(prefix is None for prefix in prefixes.values()), prefixes
             assert all(not name.startswith(REGION_ENV_PREFIX) for name in key_refs.values()), key_refs
     assert "# aggregate_region[eu] | Airflow connection: k8s_eu" in text
+
+
+def test_a_regions_store_settings_come_from_its_own_names_first_and_never_borrow_the_job_key():
+    job = {"AWS_ENDPOINT_URL": "http://job:9000", "AWS_ACCESS_KEY_ID": "JOB", "AWS_SECRET_ACCESS_KEY": "job-secret",
+           "AWS_SESSION_TOKEN": "job-token", "OTHER": "kept"}
+    assert region_store_environ(job, "eu") == job  # a region beside the job's store: the job's settings
+    generic = {"AIRFED_REGION_AWS_ENDPOINT_URL": "http://region:9000", "AIRFED_REGION_AWS_ACCESS_KEY_ID": "REGION",
+               "AIRFED_REGION_AWS_SECRET_ACCESS_KEY": "region-secret"}
+    named = {"AIRFED_REGION_EU_WEST_AWS_ENDPOINT_URL": "http://eu:9000",
+             "AIRFED_REGION_EU_WEST_AWS_ACCESS_KEY_ID": "EU",
+             "AIRFED_REGION_EU_WEST_AWS_SECRET_ACCESS_KEY": "eu-secret"}
+    got = region_store_environ({**job, **generic, **named}, "eu-west")
+    assert (got["AWS_ENDPOINT_URL"], got["AWS_ACCESS_KEY_ID"], got["AWS_SECRET_ACCESS_KEY"]) == (
+        "http://eu:9000", "EU", "eu-secret")
+    assert "AWS_SESSION_TOKEN" not in got and got["OTHER"] == "kept"  # the job's token does not come along
+    got = region_store_environ({**job, **generic, **named}, "us")  # not eu-west: the generic names
+    assert (got["AWS_ENDPOINT_URL"], got["AWS_ACCESS_KEY_ID"]) == ("http://region:9000", "REGION")
+    keys_only = region_store_environ({**job, "AIRFED_REGION_AWS_ACCESS_KEY_ID": "R",
+                                      "AIRFED_REGION_AWS_SECRET_ACCESS_KEY": "r"}, "us")
+    assert (keys_only["AWS_ENDPOINT_URL"], keys_only["AWS_ACCESS_KEY_ID"]) == ("http://job:9000", "R")
+    with pytest.raises(ValueError, match="AIRFED_REGION_EU_WEST_AWS_ENDPOINT_URL set but no "
+                                         "AIRFED_REGION_EU_WEST_AWS_ACCESS_KEY_ID"):
+        region_store_environ({**job, "AIRFED_REGION_EU_WEST_AWS_ENDPOINT_URL": "http://eu:9000"}, "eu-west")

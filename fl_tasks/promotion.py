@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 
 from fl_tasks import lineage
 from fl_tasks.records import ApprovalRecord, ChampionRecord
-from fl_tasks.store import JobKeys, Store
+from fl_tasks.store import JobKeys, ObjectMissing, PreconditionFailed, Store
 
 TAG_APPROVAL = "approval"  # pending | approved | rejected
 TAG_PREVIOUS = "champion.previous"
@@ -135,14 +135,38 @@ def record_move(c: MlflowClient, experiment: str, job: str, model_name: str, mov
     return run.info.run_id
 
 
-def mirror_champion(store: Store, job: str, model_name: str, version: ModelVersion, move: Move) -> None:
-    """``champion.json`` for readers of the store (the jobs page)."""
+def mirror_champion(store: Store, job: str, model_name: str, version: ModelVersion, move: Move,
+                    c: MlflowClient | None = None, attempts: int = 5) -> bool:
+    """``champion.json`` for readers of the store (the jobs page); False if not written.
+
+    The MLflow alias is the truth, and two movers (register's automatic move, a person's promote) can
+    race: each writes the mirror only while the alias still names its version (with ``c``), and only
+    over the mirror it read (a conditional write, retried), so the mirror ends as the alias ends."""
     round_tag = version.tags.get("round")
-    store.put_record(JobKeys(job).champion, ChampionRecord(
+    record = ChampionRecord(
         job=job, model_name=model_name, version=move.to_version,
         round=int(round_tag) if round_tag and round_tag.isdigit() else None,
         previous_version=move.from_version, action=move.action, by=move.by, at=move.at, reason=move.reason,
-    ))
+    )
+    key = JobKeys(job).champion
+    for _ in range(attempts):
+        try:
+            seen: str | None = store.get_versioned(key)[1]
+        except ObjectMissing:
+            seen = None
+        if c is not None:
+            current = lineage.champion(c, model_name)
+            if current is None or int(current.version) != move.to_version:
+                return False  # moved on after us: the later mover mirrors its own move
+        try:
+            if seen is None:
+                store.create_record(key, record)
+            else:
+                store.replace_record_if(key, record, seen)
+            return True
+        except PreconditionFailed:
+            continue  # another mover wrote the mirror meanwhile: look again
+    raise RuntimeError(f"{store.describe(key)} kept changing: {attempts} attempts to mirror v{move.to_version}")
 
 
 def move_champion(c: MlflowClient, store: Store, *, job: str, model_name: str, experiment: str, version: int,
@@ -158,7 +182,7 @@ def move_champion(c: MlflowClient, store: Store, *, job: str, model_name: str, e
     c.set_registered_model_alias(model_name, lineage.CHAMPION, str(version))
     tag_move(c, model_name, move)
     record_move(c, experiment, job, model_name, move)
-    mirror_champion(store, job, model_name, target, move)
+    mirror_champion(store, job, model_name, target, move, c)
     return move
 
 
@@ -200,7 +224,7 @@ def note_improvement(c: MlflowClient, store: Store, job: str, model_name: str, v
     so a later rollback knows where to go."""
     move = Move("improved", int(version.version), from_version, "register", time.time())
     tag_move(c, model_name, move)
-    mirror_champion(store, job, model_name, version, move)
+    mirror_champion(store, job, model_name, version, move, c)
 
 
 # -- approvals -------------------------------------------------------------------------------------

@@ -128,3 +128,40 @@ def test_an_approval_of_a_changed_artifact_is_recorded_as_refused(tracking, tmp_
     record = approval(job, 1)
     assert record.state == "rejected" and record.reason.startswith("approved by dr-grey, but refused:")
     assert champion(tracking, job) is None
+
+
+def test_the_store_mirror_ends_as_the_alias_ends_when_two_movers_race(tracking, tmp_path, monkeypatch):
+    """register's automatic move and a person's promote at once: each writes champion.json only while
+    the alias names its version, and only over the mirror it read, so the mirror follows the alias."""
+    job = Job(tmp_path, "race-job")
+    for value in (0.5, 0.7, 0.9):
+        job.round(value)  # v1, v2, v3; register moved the alias to v3 and mirrored it
+    mirror = lambda: job.store.get_record(job.keys.champion, ChampionRecord).version  # noqa: E731
+    assert champion(tracking, job) == 3 and mirror() == 3
+    v1, v2 = (tracking.get_model_version(job.model_name, v) for v in ("1", "2"))
+
+    # a person's move to v1 set the alias, then another move to v2 set it and mirrored before the first
+    # mirrored: the first's late mirror must not replace the newer one
+    tracking.set_registered_model_alias(job.model_name, lineage.CHAMPION, "2")
+    assert promotion.mirror_champion(job.store, job.name, job.model_name, v2,
+                                     promotion.Move("promote", 2, 3, "bo", 2.0), tracking)
+    assert not promotion.mirror_champion(job.store, job.name, job.model_name, v1,
+                                         promotion.Move("promote", 1, 3, "ana", 1.0), tracking)
+    assert mirror() == 2
+
+    # the mirror changes between our read and our write: the conditional write loses, the next look
+    # finds the alias still ours and writes over the newer mirror
+    tracking.set_registered_model_alias(job.model_name, lineage.CHAMPION, "1")
+    real, calls = lineage.champion, []
+
+    def champion_while_another_mirrors(c, model_name):
+        calls.append(model_name)
+        if len(calls) == 1:
+            job.store.put_record(job.keys.champion, ChampionRecord(
+                job=job.name, model_name=job.model_name, version=2, action="promote", by="bo", at=3.0))
+        return real(c, model_name)
+
+    monkeypatch.setattr(lineage, "champion", champion_while_another_mirrors)
+    assert promotion.mirror_champion(job.store, job.name, job.model_name, v1,
+                                     promotion.Move("rollback", 1, 2, "ana", 4.0), tracking)
+    assert len(calls) == 2 and mirror() == 1

@@ -43,6 +43,8 @@ DEFAULT_PRELOAD = (
     "fl_tasks.__main__", "fl_tasks.bridge", "fl_tasks.lineage", "fl_tasks.report", "fl_tasks.weights",
     "fl_tasks.steps.distribute", "fl_tasks.steps.train", "fl_tasks.steps.validate",
     "fl_tasks.steps.aggregate", "fl_tasks.steps.evaluate", "fl_tasks.steps.register",
+    "fl_tasks.steps.distribute_region", "fl_tasks.steps.aggregate_region", "fl_tasks.steps.aggregate_regions",
+    "fl_tasks.steps.publish_region", "fl_tasks.steps.collect_region", "fl_tasks.steps.promote",
 )
 _FORWARDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
@@ -480,6 +482,11 @@ def run_step(request: StepRequest) -> str | int | None:
     sys.argv = [request.argv[0], *request.argv[3:]]  # runpy puts the module's path in argv[0]
     sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
     _reseed()
+    # a fresh interpreter has the module only as __main__: the preloaded copy under its own name would
+    # make runpy warn ("found in sys.modules after import of package") in every step's log
+    if not hasattr(sys.modules.get(module), "__path__"):  # a package stays: runpy runs its __main__
+        sys.modules.pop(module, None)
+    sys.modules.pop(f"{module}.__main__", None)
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:

@@ -361,3 +361,13 @@ def test_launcher_package_is_light():
 
 
 # (real steps on both paths: tests/e2e/test_launcher_globals.py, the committed globals of 2 rounds)
+
+
+def test_a_preloaded_step_module_runs_without_runpys_warning(launcher, home):
+    """The warm server imported ``fl_tasks.__main__`` before forking; a step's output is still what
+    ``python -m fl_tasks`` prints in a fresh interpreter, with no "found in sys.modules" warning."""
+    lines: list[str] = []
+    code = run(launcher, ["python", "-m", "fl_tasks", "--help"], base_env(home), str(REPO),
+               on_line=lines.append)
+    assert code == 0 and any("usage" in line for line in lines), lines
+    assert not [line for line in lines if "RuntimeWarning" in line or "found in sys.modules" in line], lines

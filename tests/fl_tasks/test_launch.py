@@ -367,7 +367,7 @@ def test_a_preloaded_step_module_runs_without_runpys_warning(launcher, home):
     """The warm server imported ``fl_tasks.__main__`` before forking; a step's output is still what
     ``python -m fl_tasks`` prints in a fresh interpreter, with no "found in sys.modules" warning."""
     lines: list[str] = []
-    code = run(launcher, ["python", "-m", "fl_tasks", "--help"], base_env(home), str(REPO),
+    code = run(launcher, ["python", "-m", "fl_tasks", "--help"], base_env(home), HERE,
                on_line=lines.append)
     assert code == 0 and any("usage" in line for line in lines), lines
     assert not [line for line in lines if "RuntimeWarning" in line or "found in sys.modules" in line], lines

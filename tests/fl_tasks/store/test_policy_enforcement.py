@@ -226,18 +226,25 @@ def test_a_round_commits_with_every_step_on_its_own_key(job, enforcing_s3, ident
 REGION_STORES = {"us": "s3://region-us/fl", "eu": "s3://region-eu", "asia": f"s3://{BUCKET}/asia"}
 
 
+def staged_regional_spec(monkeypatch: pytest.MonkeyPatch, stores: dict[str, str]):
+    """dags/digits_regions.yaml with one local epoch and each region's store from ``stores``: its silo
+    data created, its payload in the steps' environment."""
+    spec = load_spec(REPO / "dags" / "digits_regions.yaml")
+    spec = spec.model_copy(update={
+        "training": {**spec.training, "local-epochs": 1},
+        "regions": [r.model_copy(update={"store": stores[r.name]}) for r in spec.regions]})
+    payload = spec.step_payload()
+    assert prepare_data.main([payload]) == 0
+    monkeypatch.setenv(SPEC_ENV, payload)
+    return spec
+
+
 @pytest.mark.usefixtures("identities")  # the job's bucket
 def test_a_regional_round_commits_with_every_region_on_its_own_keys(airfed_home, enforcing_s3, monkeypatch):
     """distribute → per region (distribute_region, train + validate of its silos, aggregate_region) →
     aggregate → per region (publish_region, evaluate, collect_region) → register, each step with the key
     of the identity that runs it in the deployment; then eu's keys try to reach beyond region eu."""
-    spec = load_spec(REPO / "dags" / "digits_regions.yaml")
-    spec = spec.model_copy(update={
-        "training": {**spec.training, "local-epochs": 1},
-        "regions": [r.model_copy(update={"store": REGION_STORES[r.name]}) for r in spec.regions]})
-    payload = spec.step_payload()
-    assert prepare_data.main([payload]) == 0
-    monkeypatch.setenv(SPEC_ENV, payload)
+    spec = staged_regional_spec(monkeypatch, REGION_STORES)
     for bucket in ("region-us", "region-eu"):
         enforcing_s3.create_bucket(bucket)
     job_url = f"s3://{BUCKET}/{PREFIX}"
@@ -354,17 +361,11 @@ def test_a_region_on_its_own_s3_endpoint_keeps_its_own_keys(airfed_home, enforci
     eu's regional aggregator holds two keys, its job-store key as ``AWS_*`` and its region-store key as
     ``AIRFED_REGION_AWS_*`` (what the kubernetes runner gives its pod), and the round commits; without
     the second key the job store's key is never sent to the region's endpoint."""
-    spec = load_spec(REPO / "dags" / "digits_regions.yaml")
     eu_store = "s3://region-eu-own/fl"
     # a job store of its own in the module's bucket (the other regional test's job has the same name)
     job_url, job_at = f"s3://{BUCKET}/own", StoreLocation(BUCKET, "own")
     stores = {"us": f"s3://{BUCKET}/own-us", "eu": eu_store, "asia": f"s3://{BUCKET}/own-asia"}
-    spec = spec.model_copy(update={
-        "training": {**spec.training, "local-epochs": 1},
-        "regions": [r.model_copy(update={"store": stores[r.name]}) for r in spec.regions]})
-    payload = spec.step_payload()
-    assert prepare_data.main([payload]) == 0
-    monkeypatch.setenv(SPEC_ENV, payload)
+    spec = staged_regional_spec(monkeypatch, stores)
     result = generate(spec, "aws", job_url)
     tag = "own-endpoint-"  # IAM user names of this test on the shared server
     on_job_endpoint = {name: enforcing_s3.create_user(tag + name, policy,

@@ -135,12 +135,12 @@ def record_move(c: MlflowClient, experiment: str, job: str, model_name: str, mov
     return run.info.run_id
 
 
-def mirror_champion(store: Store, job: str, model_name: str, version: ModelVersion, move: Move,
-                    c: MlflowClient | None = None, attempts: int = 5) -> bool:
+def mirror_champion(c: MlflowClient, store: Store, job: str, model_name: str, version: ModelVersion, move: Move,
+                    attempts: int = 5) -> bool:
     """``champion.json`` for readers of the store (the jobs page); False if not written.
 
     The MLflow alias is the truth, and two movers (register's automatic move, a person's promote) can
-    race: each writes the mirror only while the alias still names its version (with ``c``), and only
+    race: each writes the mirror only while the alias still names its version, and only
     over the mirror it read (a conditional write, retried), so the mirror ends as the alias ends."""
     round_tag = version.tags.get("round")
     record = ChampionRecord(
@@ -154,10 +154,9 @@ def mirror_champion(store: Store, job: str, model_name: str, version: ModelVersi
             seen: str | None = store.get_versioned(key)[1]
         except ObjectMissing:
             seen = None
-        if c is not None:
-            current = lineage.champion(c, model_name)
-            if current is None or int(current.version) != move.to_version:
-                return False  # moved on after us: the later mover mirrors its own move
+        current = lineage.champion(c, model_name)
+        if current is None or int(current.version) != move.to_version:
+            return False  # moved on after us: the later mover mirrors its own move
         try:
             if seen is None:
                 store.create_record(key, record)
@@ -182,7 +181,7 @@ def move_champion(c: MlflowClient, store: Store, *, job: str, model_name: str, e
     c.set_registered_model_alias(model_name, lineage.CHAMPION, str(version))
     tag_move(c, model_name, move)
     record_move(c, experiment, job, model_name, move)
-    mirror_champion(store, job, model_name, target, move, c)
+    mirror_champion(c, store, job, model_name, target, move)
     return move
 
 
@@ -224,7 +223,7 @@ def note_improvement(c: MlflowClient, store: Store, job: str, model_name: str, v
     so a later rollback knows where to go."""
     move = Move("improved", int(version.version), from_version, "register", time.time())
     tag_move(c, model_name, move)
-    mirror_champion(store, job, model_name, version, move, c)
+    mirror_champion(c, store, job, model_name, version, move)
 
 
 # -- approvals -------------------------------------------------------------------------------------

@@ -7,22 +7,16 @@ it reads there the same way."""
 
 from __future__ import annotations
 
-from fl_tasks import records
 from fl_tasks.records import Head, Result
 from fl_tasks.steps.common import StepEnv, log, write_result
 from fl_tasks.steps.regional import RegionEnv
-from fl_tasks.store import ObjectMissing
 
 
 def run(env: StepEnv) -> None:
     region = RegionEnv(env)
     plan = region.plan()
     entry = region.entry(plan)
-    try:
-        head_bytes: bytes | None = region.job.store.get_bytes(env.keys.head)
-    except ObjectMissing:
-        head_bytes = None
-    head = records.parse(Head, head_bytes, region.job.store.describe(env.keys.head)) if head_bytes else None
+    head = region.job.store.get_record_or_none(env.keys.head, Head)
     current = head is not None and head.round == plan.round  # HEAD still names this round's result
     result = region.job.store.get_record(env.keys.result(plan.round), Result,
                                          head.result_sha256 if head is not None and current else None)
@@ -31,7 +25,7 @@ def run(env: StepEnv) -> None:
     if not region.shared:
         region.copy_record(env.keys.result(plan.round), region.job.store, region.region.store)
         region.copy_object(result.new_global, region.job.store, region.region.store)
-        if current and head_bytes:
-            region.region.store.put_bytes(env.keys.head, head_bytes)
+        if current:
+            region.copy_record(env.keys.head, region.job.store, region.region.store)
     log(f"round {plan.round}: region {entry.name} has the new global {result.new_global.sha256[:12]}")
     write_result({"round": plan.round, "region": entry.name, "new_global": result.new_global.model_dump()})

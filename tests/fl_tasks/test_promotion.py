@@ -143,10 +143,10 @@ def test_the_store_mirror_ends_as_the_alias_ends_when_two_movers_race(tracking, 
     # a person's move to v1 set the alias, then another move to v2 set it and mirrored before the first
     # mirrored: the first's late mirror must not replace the newer one
     tracking.set_registered_model_alias(job.model_name, lineage.CHAMPION, "2")
-    assert promotion.mirror_champion(job.store, job.name, job.model_name, v2,
-                                     promotion.Move("promote", 2, 3, "bo", 2.0), tracking)
-    assert not promotion.mirror_champion(job.store, job.name, job.model_name, v1,
-                                         promotion.Move("promote", 1, 3, "ana", 1.0), tracking)
+    assert promotion.mirror_champion(tracking, job.store, job.name, job.model_name, v2,
+                                     promotion.Move("promote", 2, 3, "bo", 2.0))
+    assert not promotion.mirror_champion(tracking, job.store, job.name, job.model_name, v1,
+                                         promotion.Move("promote", 1, 3, "ana", 1.0))
     assert mirror() == 2
 
     # the mirror changes between our read and our write: the conditional write loses, the next look
@@ -162,6 +162,6 @@ def test_the_store_mirror_ends_as_the_alias_ends_when_two_movers_race(tracking, 
         return real(c, model_name)
 
     monkeypatch.setattr(lineage, "champion", champion_while_another_mirrors)
-    assert promotion.mirror_champion(job.store, job.name, job.model_name, v1,
-                                     promotion.Move("rollback", 1, 2, "ana", 4.0), tracking)
+    assert promotion.mirror_champion(tracking, job.store, job.name, job.model_name, v1,
+                                     promotion.Move("rollback", 1, 2, "ana", 4.0))
     assert len(calls) == 2 and mirror() == 1

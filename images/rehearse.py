@@ -64,6 +64,9 @@ STORE_BUCKET = "airfed-store"
 STORE_PREFIX = "rehearsal"
 STORE_URL = f"s3://{STORE_BUCKET}/{STORE_PREFIX}"
 MLFLOW_BUCKET = "airfed-mlflow"
+#: The MLflow server as the Helm chart runs it: without MLflow's server-side jobs (their eight huey
+#: consumer processes; airfed uses none of those jobs)
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 #: Env var every process the rehearsal starts carries (children inherit it): what is left is found and stopped.
 MARKER_ENV = "AIRFED_REHEARSAL"
 #: Variables of the caller's environment that must not leak into the deployment's processes.
@@ -581,7 +584,7 @@ class Deployment:
             "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
             "--artifacts-destination", f"s3://{MLFLOW_BUCKET}/artifacts",
             "--host", "127.0.0.1", "--port", str(self.mlflow_port), "--workers", "1",
-        ], self.tools_env())
+        ], {**self.tools_env(), **MLFLOW_SERVER_ENV})
         # the fl-task image bakes the example's silo data; here the step env creates it under AIRFED_HOME
         self.run("example-data", [sys.executable, install_env.__file__, "example-data", str(self.dags / SPEC.name),
                                   "--python", self.envs["steps"].python],

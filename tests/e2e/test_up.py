@@ -219,6 +219,8 @@ def test_up_prints_urls_and_login_and_both_answer(up, token):
     assert f"FL jobs:     http://localhost:{up.airflow_port}/airfed/" in out
     assert "login: admin / " in out
     assert request("GET", f"{up.mlflow}/health")[0] == 200
+    # MLflow's server-side jobs are off: no huey consumer processes (airfed uses none of those jobs)
+    assert not [cmd for _, cmd in processes_with_home(up.home) if "huey" in cmd]
     health = get_json(f"{up.airflow}/api/v2/monitor/health")
     assert health["scheduler"]["status"] == "healthy"
     # the plugin is loaded from its entry point: the FL jobs view is in the UI's navigation

@@ -454,6 +454,8 @@ def test_mlflow_server(case):
         "name": secret_name, "key": "MLFLOW_BACKEND_STORE_URI"}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"]["optional"] is True
+    job_execution = values.get("mlflow", {}).get("jobExecution", False)  # no huey consumers unless asked for
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == str(job_execution).lower()
     if store["endpoint"]:
         assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == store["endpoint"]
     else:
@@ -491,6 +493,9 @@ def test_mlflow_existing_secret_and_disabled(chart):
     env = {e["name"]: e for e in _mlflow_container(rendered)["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "my-mlflow"
     assert rendered.of("Secret") == []
+    jobs = render(chart, {"mlflow": {"existingSecret": "my-mlflow", "jobExecution": True}})
+    env = {e["name"]: e for e in _mlflow_container(jobs)["env"]}
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"]["value"] == "true"
     off = render(chart, {"mlflow": {"enabled": False}})
     assert off.of("Deployment") == [] and off.of("Service") == []
 

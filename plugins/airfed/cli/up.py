@@ -41,6 +41,10 @@ DEFAULT_AIRFLOW_PORT = 8080
 DEFAULT_MLFLOW_PORT = 5000
 #: Forwarded as-is; workers=1 keeps the two shared CPUs for the scheduler and the steps.
 MLFLOW_WORKERS = "1"
+#: MLflow's server-side jobs (GenAI prompt optimisation, scorers, trace roll-ups) run in huey consumer
+#: processes the server starts by default: eight more interpreters importing MLflow (~3 s of CPU and
+#: ~150 MB each). airfed uses none of them; an explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION wins.
+MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 PASSWORD_FILE_NAME = "simple_auth_manager_passwords.json.generated"
 
 
@@ -297,8 +301,8 @@ def up(
     try:
         print(f"airfed: up | AIRFED_HOME {home} | DAGs {dags_folder}", file=out, flush=True)
         cwd = Path.cwd()
-        for child in children:
-            child.start(dict(os.environ), cwd)
+        for child in children:  # the MLflow server, if local
+            child.start({**MLFLOW_SERVER_DEFAULTS, **os.environ}, cwd)
         # Migrate before standalone starts (its own initdb is then a no-op), output to the log.
         from airfed.cli.terminal import output_to_log
         from airfed.environment import migrate_airflow_db

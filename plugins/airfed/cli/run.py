@@ -83,16 +83,23 @@ def region_counts(store: Any, job: str, r: int) -> dict[str, dict[str, Any]]:
     return counts
 
 
-def committed_record(store: Any, job: str, run_id: str | None) -> dict[str, Any] | None:
-    """The round record (registry.json) that DAG run ``run_id`` registered, if it committed one."""
+def committed_record(store: Any, job: str, run_id: str | None, since: int = 1) -> dict[str, Any] | None:
+    """The round record (registry.json) that DAG run ``run_id`` registered, if it committed one.
+
+    Searched from HEAD down to round ``since``: another run of the job (a second ``airfed run``, the
+    scheduler) may have committed the next round between this run's commit and this look.
+    """
     from fl_tasks.store import JobKeys
 
     keys = JobKeys(job)
     head = store.get_json_or_none(keys.head)
     if not head or run_id is None:
         return None
-    record = store.get_json_or_none(keys.registry(int(head["round"])))
-    return record if record and record.get("dag_run_id") == run_id else None
+    for r in range(int(head["round"]), since - 1, -1):
+        record = store.get_json_or_none(keys.registry(r))
+        if record and record.get("dag_run_id") == run_id:
+            return record
+    return None
 
 
 def run_rounds(dag: Any, spec: JobSpec, store: Any, n_rounds: int, training: dict | None,
@@ -104,6 +111,10 @@ def run_rounds(dag: Any, spec: JobSpec, store: Any, n_rounds: int, training: dic
     rounds: list[dict] = []
     run_ids: list[str] = []
     state = "unknown"
+    from fl_tasks.store import JobKeys
+
+    head = store.get_json_or_none(JobKeys(spec.job).head)
+    since = (head["round"] if head else 0) + 1  # the first round these runs can commit
     for _ in range(n_rounds):
         conf: dict[str, Any] = {"rounds": 1}
         if training:
@@ -117,7 +128,7 @@ def run_rounds(dag: Any, spec: JobSpec, store: Any, n_rounds: int, training: dic
         run_id = getattr(dag_run, "run_id", None)
         if run_id:
             run_ids.append(run_id)
-        record = committed_record(store, spec.job, run_id) if state == "success" else None
+        record = committed_record(store, spec.job, run_id, since) if state == "success" else None
         if record is None:
             state = state if state != "success" else "failed"
             break

@@ -15,9 +15,20 @@ from fl_tasks.store import JobKeys, open_store
 class FakeDag:
     """Stands in for the DAG: each test() commits the next round (or fails at round ``fail_at``)."""
 
-    def __init__(self, store, job: str, fail_at: int | None = None):
-        self.store, self.keys, self.fail_at = store, JobKeys(job), fail_at
+    def __init__(self, store, job: str, fail_at: int | None = None, overtaken_at: int | None = None):
+        self.store, self.keys, self.fail_at, self.overtaken_at = store, JobKeys(job), fail_at, overtaken_at
         self.confs: list[dict] = []
+
+    def commit(self, run_id: str) -> int:
+        head = self.store.get_json_or_none(self.keys.head)
+        r = (head["round"] if head else 0) + 1
+        self.store.put_json(self.keys.registry(r), {
+            "round": r, "dag_run_id": run_id, "accepted": ["a", "b"], "rejected": {}, "train_loss": 0.5,
+            "metrics": {"accuracy": 0.5 + r / 100}, "promotion_metric": "accuracy", "promotion_value": 0.5 + r / 100,
+            "registry_version": r, "champion_version": r,
+        })
+        self.store.put_json(self.keys.head, {"round": r})
+        return r
 
     def test(self, run_conf: dict):
         self.confs.append(run_conf)
@@ -26,12 +37,9 @@ class FakeDag:
         run_id = f"manual__run{r}"
         if r == self.fail_at:
             return SimpleNamespace(state="failed", run_id=run_id)
-        self.store.put_json(self.keys.registry(r), {
-            "round": r, "dag_run_id": run_id, "accepted": ["a", "b"], "rejected": {}, "train_loss": 0.5,
-            "metrics": {"accuracy": 0.5 + r / 100}, "promotion_metric": "accuracy", "promotion_value": 0.5 + r / 100,
-            "registry_version": r, "champion_version": r,
-        })
-        self.store.put_json(self.keys.head, {"round": r})
+        self.commit(run_id)
+        if r == self.overtaken_at:  # another run commits the next round before this one's result is read
+            self.commit("scheduled__other")
         return SimpleNamespace(state="success", run_id=run_id)
 
 
@@ -60,6 +68,16 @@ def test_the_loop_stops_at_the_first_round_that_does_not_commit(tmp_path):
     assert state == "failed" and [r["round"] for r in rounds] == [1] and len(dag.confs) == 2
     assert run_ids == ["manual__run1", "manual__run2"]
     assert "training" not in dag.confs[0]
+
+
+def test_a_round_is_reported_even_when_another_run_committed_the_next_one_meanwhile(tmp_path):
+    """Two runs at once (tests/e2e/test_concurrent_runs.py under load): HEAD moved on past this run's round."""
+    spec = load_spec(EXAMPLE_SPEC)
+    store = open_store(f"file://{tmp_path}")
+    dag = FakeDag(store, spec.job, overtaken_at=1)
+    rounds, run_ids, state = run_rounds(dag, spec, store, 2, None, io.StringIO())
+    assert state == "success" and [r["round"] for r in rounds] == [1, 3]
+    assert [r["dag_run_id"] for r in rounds] == run_ids == ["manual__run1", "manual__run3"]
 
 
 def test_progress_line():

@@ -21,8 +21,15 @@ os.environ["AIRFED_HOME"] = str(SESSION_HOME / "home")
 for var in ("AIRFED_STORE_URL", "MLFLOW_TRACKING_URI", "AIRFED_SPECS", "AIRFED_STEP_PYTHON", "AIRFED_STEP_LAUNCHER",
             "AIRFED_WARM_PRELOAD", "AIRFED_PARALLELISM"):
     os.environ.pop(var, None)
-#: One warm step server per step env for this test process (per xdist worker), stopped at the end.
-WARM_DIR = SESSION_HOME / "warm"
+#: One warm step server per step env for the whole test run: the xdist workers inherit the directory
+#: the first process (pytest itself) chose, share its servers (each step is still its own forked
+#: process) and that process stops them at the end (``pytest_sessionfinish``). Per worker, the same
+#: servers were started three times: ~6 s of CPU each.
+SHARED_WARM_DIR_ENV = "AIRFED_TESTS_WARM_DIR"
+WARM_DIR_OWNER = not os.environ.get(SHARED_WARM_DIR_ENV)
+if WARM_DIR_OWNER:
+    os.environ[SHARED_WARM_DIR_ENV] = tempfile.mkdtemp(prefix="airfed-tests-warm-")
+WARM_DIR = Path(os.environ[SHARED_WARM_DIR_ENV])
 os.environ["AIRFED_WARM_DIR"] = str(WARM_DIR)
 sys.path.insert(0, str(REPO))
 os.chdir(REPO)
@@ -34,13 +41,17 @@ configure(dags_folder=REPO / "dags")
 from s3_server import s3_endpoint, s3_store_url  # noqa: E402,F401
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stop_warm_servers_at_exit():
-    """No warm step server outlives the test session."""
-    yield
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No warm step server outlives the test run: the process that chose WARM_DIR stops them all."""
+    if not WARM_DIR_OWNER:
+        return
     from helpers import stop_warm_servers
 
-    stop_warm_servers(WARM_DIR)
+    try:
+        stop_warm_servers(WARM_DIR)
+    except AssertionError as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

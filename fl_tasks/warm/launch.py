@@ -534,7 +534,7 @@ def stop_servers(run_dir: str | os.PathLike[str], timeout: float = 30.0) -> list
     ``timeout`` seconds, sent SIGTERM (its running steps get SIGTERM too) and finally SIGKILL.
     """
     pids = []
-    for path in sorted(Path(run_dir).glob("warm-*.sock")):
+    for path in protocol.socket_paths(Path(run_dir)):
         status = request_op(path, "ping")
         if status is None:
             continue

@@ -122,13 +122,25 @@ def run_dir(env: dict[str, str]) -> Path:
     return Path(chosen).expanduser().resolve() if chosen else airfed_home(env) / "run"
 
 
+def _long_dir_prefix(directory: Path) -> Path:
+    """Where the sockets of a directory whose own socket paths would be too long live instead."""
+    dir_hash = hashlib.sha256(os.fsencode(directory)).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"airfed-{os.getuid()}" / f"warm-{dir_hash}-"
+
+
 def socket_path(directory: Path, key: str) -> Path:
     """``<directory>/warm-<key>.sock``; a private directory under /tmp if that path is too long."""
     path = directory / f"warm-{key}.sock"
     if len(os.fsencode(path)) <= _UNIX_PATH_MAX:
         return path
-    dir_hash = hashlib.sha256(os.fsencode(directory)).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"airfed-{os.getuid()}" / f"warm-{dir_hash}-{key}.sock"
+    prefix = _long_dir_prefix(directory)
+    return prefix.with_name(f"{prefix.name}{key}.sock")
+
+
+def socket_paths(directory: Path) -> list[Path]:
+    """Every server socket of ``directory``, also those moved under /tmp (see ``socket_path``)."""
+    prefix = _long_dir_prefix(directory)
+    return sorted([*directory.glob("warm-*.sock"), *prefix.parent.glob(f"{prefix.name}*.sock")])
 
 
 def private_dir(path: Path) -> None:

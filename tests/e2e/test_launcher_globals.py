@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import REPO, small_example_spec
+from helpers import REPO, small_example_spec, stop_warm_servers
 from recorded_operator import RecordedStepOperator
 
 ROUNDS = 2
@@ -59,21 +59,26 @@ def run_rounds(spec_path: Path, home: Path, kind: str, monkeypatch: pytest.Monke
         return results
 
 
-def warm_requests() -> int:
-    """Steps forked so far by the warm servers of this test process (AIRFED_WARM_DIR, see conftest)."""
+def warm_requests(warm_dir: Path) -> int:
+    """Steps forked so far by the warm servers in ``warm_dir``."""
     from fl_tasks.warm.launch import request_op
+    from fl_tasks.warm.protocol import socket_paths
 
-    pings = [request_op(p, "ping") for p in Path(os.environ["AIRFED_WARM_DIR"]).glob("warm-*.sock")]
+    pings = [request_op(p, "ping") for p in socket_paths(warm_dir)]
     return sum(p["requests"] for p in pings if p)
 
 
 def test_warm_and_subprocess_paths_commit_the_same_globals(tmp_path, monkeypatch):
     spec = small_example_spec(tmp_path / "spec", silos=("us", "eu"), epochs=1)
-    before = warm_requests()
-    warm = run_rounds(spec, tmp_path / "warm", "warm", monkeypatch)
-    assert warm_requests() - before == ROUNDS * 4  # every step forked warm (no fallback to a subprocess)
-    cold = run_rounds(spec, tmp_path / "subprocess", "subprocess", monkeypatch)
-    assert warm_requests() - before == ROUNDS * 4  # and none on the subprocess path
+    warm_dir = tmp_path / "warm-servers"  # its own: the session's servers also serve other workers' tests
+    monkeypatch.setenv("AIRFED_WARM_DIR", str(warm_dir))
+    try:
+        warm = run_rounds(spec, tmp_path / "warm", "warm", monkeypatch)
+        assert warm_requests(warm_dir) == ROUNDS * 4  # every step forked warm (no fallback to a subprocess)
+        cold = run_rounds(spec, tmp_path / "subprocess", "subprocess", monkeypatch)
+        assert warm_requests(warm_dir) == ROUNDS * 4  # and none on the subprocess path
+    finally:
+        stop_warm_servers(warm_dir)
 
     shas = {kind: [(r["input_global"]["sha256"], r["new_global"]["sha256"]) for r in results]
             for kind, results in (("warm", warm), ("subprocess", cold))}

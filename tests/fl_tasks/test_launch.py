@@ -228,6 +228,21 @@ def test_server_restarts_after_being_killed(warm):
     assert second["pid"] != first["pid"]
 
 
+def test_stop_servers_finds_a_server_whose_socket_moved_under_tmp(tmp_path):
+    """A deep AIRFED_HOME: the socket path would pass the kernel's limit, so it lives under /tmp instead;
+    ``stop_servers`` (what ``airfed up`` calls at exit) must still find and stop it."""
+    from fl_tasks.warm import stop_servers
+
+    home = tmp_path / ("deep-" * 20)
+    launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False)
+    env = base_env(home, AIRFED_RESULT_FILE=str(tmp_path / "result.json"))
+    assert run_helper(launcher, env, "ok", "1")[0] == 0
+    status = launcher.ping(HELPER, env, HERE)
+    assert not Path(status["socket"]).is_relative_to(home)
+    assert stop_servers(home / "run", timeout=20) == [status["pid"]]
+    assert gone(status["pid"], 30)
+
+
 def test_server_survives_its_caller(warm):
     launcher, env = warm
     code = (

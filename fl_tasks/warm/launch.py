@@ -366,14 +366,14 @@ class WarmLauncher:
         """Send the request with a fresh pipe; (step, '') once started, (None, why) to retry."""
         out_r, out_w = os.pipe()
         try:
-            try:
-                protocol.send(sock, request, [out_w, out_w])
-            finally:
-                os.close(out_w)
             reader = protocol.FrameReader(sock)
             try:
+                try:
+                    protocol.send(sock, request, [out_w, out_w])
+                finally:
+                    os.close(out_w)
                 frame = reader.read()
-            except OSError as exc:
+            except OSError as exc:  # e.g. the server closed on us while stopping (idle, changed code)
                 frame = {"error": f"connection failed: {exc}", "retry": True}
             if frame is None:
                 frame = {"error": "server closed the connection before starting the step", "retry": True}

@@ -216,6 +216,48 @@ def test_server_has_one_thread_and_preloaded_the_step_side(launcher, env):
     assert Path(status["socket"]).parent == Path(env["AIRFED_HOME"]) / "run"
 
 
+def test_a_server_closing_on_the_request_is_retried_then_refused_clearly(tmp_path, monkeypatch):
+    """A server that closes the connection before the request arrives (stopping: idle, changed code) is an
+    attempt to retry, not a BrokenPipeError out of the launcher; one that always does is a LaunchError."""
+    import socket
+
+    from fl_tasks.warm import protocol
+
+    send = protocol.send
+
+    def send_once_closed(sock, *args):  # the request leaves after the server closed the connection
+        time.sleep(0.2)
+        return send(sock, *args)
+
+    monkeypatch.setattr(protocol, "send", send_once_closed)
+
+    launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False)
+    env = base_env(tmp_path / "home")
+    path = launcher.socket_path(HELPER, env, HERE)
+    path.parent.mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    accepted = []
+
+    def close_each_connection() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            conn.close()
+
+    threading.Thread(target=close_each_connection, daemon=True).start()
+    try:
+        with pytest.raises(LaunchError, match="refused the step"):
+            launcher.start([*HELPER, "ok"], env, HERE)
+        assert len(accepted) == 4  # every attempt connected, and was retried
+    finally:
+        listener.close()
+
+
 def test_server_restarts_after_being_killed(warm):
     launcher, env = warm
     assert run_helper(launcher, env, "ok", "1")[0] == 0

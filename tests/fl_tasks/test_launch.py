@@ -234,7 +234,7 @@ def test_a_server_closing_on_the_request_is_retried_then_refused_clearly(tmp_pat
     launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False)
     env = base_env(tmp_path / "home")
     path = launcher.socket_path(HELPER, env, HERE)
-    path.parent.mkdir(parents=True)
+    protocol.private_dir(path.parent)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen()
@@ -256,6 +256,7 @@ def test_a_server_closing_on_the_request_is_retried_then_refused_clearly(tmp_pat
         assert len(accepted) == 4  # every attempt connected, and was retried
     finally:
         listener.close()
+        path.unlink()
 
 
 def test_server_restarts_after_being_killed(warm):

@@ -342,19 +342,27 @@ def test_idle_server_exits_and_removes_its_socket(tmp_path):
     assert not Path(status["socket"]).exists()
 
 
-def test_changed_code_starts_a_new_server(warm):
-    launcher, env = warm
-    run_helper(launcher, env, "os_exit")
-    first = launcher.ping(HELPER, env, HERE)
-    source = REPO / "fl_tasks" / "warm" / "protocol.py"  # imported by the server
-    st = source.stat()
-    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+def test_changed_code_starts_a_new_server(tmp_path):
+    """A module of the project (here one of the test's own, preloaded) changes on disk: the next step
+    runs on a new server. Not a file of the repository: every other server of the run imported those."""
+    code = tmp_path / "code"
+    code.mkdir()
+    source = code / "project_module.py"
+    source.write_text("VALUE = 1\n")
+    launcher = WarmLauncher(idle_timeout=120, fallback=False, default_preload=False, preload=("project_module",))
+    env = base_env(tmp_path / "home", AIRFED_RESULT_FILE=str(tmp_path / "result.json"),
+                   PYTHONPATH=os.pathsep.join([str(code), HERE]))
     try:
+        run_helper(launcher, env, "os_exit")
+        first = launcher.ping(HELPER, env, HERE)
+        assert "project_module" in first["preloaded"]
+        st = source.stat()
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
         assert run_helper(launcher, env, "os_exit")[0] == 3
+        assert launcher.ping(HELPER, env, HERE)["pid"] != first["pid"]
+        assert gone(first["pid"], 30)
     finally:
-        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert launcher.ping(HELPER, env, HERE)["pid"] != first["pid"]
-    assert gone(first["pid"], 30)
+        stop_server(launcher, env)
 
 
 def test_unavailable_server_falls_back_or_raises(tmp_path):

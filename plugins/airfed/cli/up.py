@@ -42,8 +42,8 @@ DEFAULT_MLFLOW_PORT = 5000
 #: Forwarded as-is; workers=1 keeps the two shared CPUs for the scheduler and the steps.
 MLFLOW_WORKERS = "1"
 #: MLflow's server-side jobs (GenAI prompt optimisation, scorers, trace roll-ups) run in huey consumer
-#: processes the server starts by default: eight more interpreters importing MLflow (~3 s of CPU and
-#: ~150 MB each). airfed uses none of them; an explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION wins.
+#: processes the server starts by default: eight more interpreters importing MLflow (~3 s of CPU
+#: each at start, measured). airfed uses none of them; an explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION wins.
 MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 PASSWORD_FILE_NAME = "simple_auth_manager_passwords.json.generated"
 

@@ -24,7 +24,6 @@ from fl_tasks.warm import LaunchError, SubprocessLauncher, WarmLauncher, WarmUna
 from fl_tasks.warm.launch import SubprocessStep
 
 HERE = str(Path(__file__).resolve().parent)
-REPO = Path(__file__).resolve().parents[2]
 HELPER = ["python", "-m", "airfed_step_helper"]
 
 

@@ -24,7 +24,8 @@ demo: install
 
 # Three workers on two cores: the suite waits on servers and subprocesses often enough that a third
 # worker keeps both cores busy (measured on 2 cores: 7m21s of pytest instead of 9m15s with two, the
-# machine 94% busy). PYTEST_WORKERS overrides it.
+# machine 94% busy; four workers measured no better: 5m17s of make test against 5m21s). PYTEST_WORKERS
+# overrides it.
 PYTEST_WORKERS ?= 3
 PYTEST  = $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

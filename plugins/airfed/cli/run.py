@@ -13,6 +13,7 @@ round, read from the round record the register step writes to the store.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -183,6 +184,11 @@ def run_job(spec_path: str, rounds: int | None, as_json: bool, training: dict | 
         dags, problems = build_all([Path(spec_path)])
         if problems:
             raise SystemExit("\n".join(str(p) for p in problems))
+        # Airflow, SQLAlchemy and the DAGs live as long as the process: out of the cyclic GC's way, so its
+        # full collections during the rounds walk only what the rounds allocate (measured: 3 rounds of the
+        # example, 11.4-11.8 -> 9.4-10.1 s of CPU in this process)
+        gc.collect()
+        gc.freeze()
         done, run_ids, state = run_rounds(dags[spec.job], spec, store, n_rounds, training, terminal)
 
     head = store.get_json_or_none(keys.head)

@@ -175,6 +175,26 @@ def find_version(
     return None
 
 
+def first_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str,
+                  created: ModelVersion) -> ModelVersion:
+    """The one version round ``r`` keeps after ``created`` was registered for it.
+
+    Two registers of a round can race (a run that lost the round finishes the winner's registration
+    while the winner does; find_version saw nothing for either). The registry numbers versions in
+    creation order, so the lowest of the round's versions is the one to keep: a register that created
+    a higher one deletes it and carries on with the lowest. Each racer searches after its own create,
+    so whichever created second sees the first and yields; exactly one version stays.
+    """
+    same = [v for v in c.search_model_versions(f"name = '{name}'")
+            if v.tags.get("round") == str(r) and v.tags.get("job") == job
+            and (v.tags.get("dag_run_id") == dag_run_id or v.tags.get("global_sha256") == global_sha256)]
+    first = min(same, key=lambda v: int(v.version), default=created)
+    if int(first.version) < int(created.version):
+        c.delete_model_version(name, str(created.version))
+        return first
+    return created
+
+
 def register_version(c: MlflowClient, name: str, run_id: str, model_file: Path, tags: dict[str, str],
                      description: str) -> ModelVersion:
     c.log_artifact(run_id, str(model_file), artifact_path="model")

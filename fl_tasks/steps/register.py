@@ -230,6 +230,7 @@ def run(env: StepEnv, late: bool = False) -> None:
                     },
                     description=f"{job} round {r}: {plan.strategy.name} over {', '.join(manifests)}",
                 )
+            version = lineage.first_version(c, model_name, job, r, plan.dag_run_id, new_global.sha256, version)
         current = lineage.champion(c, model_name)
         current_value = None
         if current is not None and current.version != version.version:

@@ -119,6 +119,31 @@ def test_re_registering_keeps_versions_and_champion_and_a_manual_move_is_respect
     assert _champion(tracking, job) == 4
 
 
+def test_two_registers_racing_on_a_round_leave_one_version(tracking, tmp_path, monkeypatch):
+    """Both looked before either created (tests/e2e/test_concurrent_runs.py met this: the winner's
+    register and the loser's, finishing the winner's round): the later creation yields to the earlier."""
+    job = Job(tmp_path, "race-job")
+    first = job.round(0.5)
+    monkeypatch.setattr(lineage, "find_version", lambda *args, **kwargs: None)  # saw nothing, like the racer
+    late = job.register(1)
+    versions = tracking.search_model_versions(f"name = '{job.model_name}'")
+    assert [int(v.version) for v in versions] == [1]  # its own v2 deleted
+    assert (late.registry_version, late.champion_version) == (first.registry_version, 1) == (1, 1)
+
+    # the earlier creator, checking after a later one was created, keeps its own and leaves the other be
+    (v1,) = versions
+    run_id = tracking.get_model_version(job.model_name, "1").run_id
+    v2 = tracking.create_model_version(job.model_name, source=v1.source, run_id=run_id, tags=v1.tags)
+    kept = lineage.first_version(tracking, job.model_name, job.name, 1, v1.tags["dag_run_id"],
+                                 v1.tags["global_sha256"], v1)
+    assert kept.version == v1.version
+    both = tracking.search_model_versions(f"name = '{job.model_name}'")
+    assert sorted(int(v.version) for v in both) == [1, int(v2.version)]
+    assert lineage.first_version(tracking, job.model_name, job.name, 1, "another-run", v1.tags["global_sha256"],
+                                 v2).version == v1.version  # v2's creator yields
+    assert [int(v.version) for v in tracking.search_model_versions(f"name = '{job.model_name}'")] == [1]
+
+
 def test_a_nan_round_does_not_replace_a_champion(tracking, tmp_path):
     job = Job(tmp_path, "nan-later-job")
     assert _walk(tracking, job, [0.5, NAN]) == [(1, 1, True), (2, 1, False)]

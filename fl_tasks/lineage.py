@@ -162,17 +162,25 @@ def ensure_registered_model(c: MlflowClient, name: str, job: str) -> None:
         )
 
 
+def round_versions(
+    c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str | None = None
+) -> list[ModelVersion]:
+    """The versions of round ``r``, oldest first: registered by the same DAG run, or holding the same global."""
+    def same_round(tags: dict[str, str]) -> bool:
+        if tags.get("round") != str(r) or tags.get("job") != job:
+            return False
+        same_global = bool(global_sha256) and tags.get("global_sha256") == global_sha256
+        return tags.get("dag_run_id") == dag_run_id or same_global
+
+    same = [v for v in c.search_model_versions(f"name = '{name}'") if same_round(v.tags)]
+    return sorted(same, key=lambda v: int(v.version))
+
+
 def find_version(
     c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str | None = None
 ) -> ModelVersion | None:
-    """The version of round ``r`` registered before: by the same DAG run, or holding the same global."""
-    for version in c.search_model_versions(f"name = '{name}'"):
-        tags = version.tags
-        if tags.get("round") != str(r) or tags.get("job") != job:
-            continue
-        if tags.get("dag_run_id") == dag_run_id or (global_sha256 and tags.get("global_sha256") == global_sha256):
-            return version
-    return None
+    """The version of round ``r`` registered before (the oldest, see :func:`first_version`)."""
+    return next(iter(round_versions(c, name, job, r, dag_run_id, global_sha256)), None)
 
 
 def first_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str, global_sha256: str,
@@ -185,10 +193,7 @@ def first_version(c: MlflowClient, name: str, job: str, r: int, dag_run_id: str,
     a higher one deletes it and carries on with the lowest. Each racer searches after its own create,
     so whichever created second sees the first and yields; exactly one version stays.
     """
-    same = [v for v in c.search_model_versions(f"name = '{name}'")
-            if v.tags.get("round") == str(r) and v.tags.get("job") == job
-            and (v.tags.get("dag_run_id") == dag_run_id or v.tags.get("global_sha256") == global_sha256)]
-    first = min(same, key=lambda v: int(v.version), default=created)
+    first = next(iter(round_versions(c, name, job, r, dag_run_id, global_sha256)), created)
     if int(first.version) < int(created.version):
         c.delete_model_version(name, str(created.version))
         return first

@@ -109,11 +109,11 @@ def run_rounds(dag: Any, spec: JobSpec, store: Any, n_rounds: int, training: dic
 
     Returns the round entries, the DAG run ids and the state of the last run.
     """
+    from fl_tasks.store import JobKeys
+
     rounds: list[dict] = []
     run_ids: list[str] = []
     state = "unknown"
-    from fl_tasks.store import JobKeys
-
     head = store.get_json_or_none(JobKeys(spec.job).head)
     since = (head["round"] if head else 0) + 1  # the first round these runs can commit
     for _ in range(n_rounds):

@@ -55,6 +55,8 @@ class Child:
     name: str
     argv: list[str]
     log: Path
+    #: variables it gets unless the environment sets them
+    env_defaults: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self, env: dict[str, str], cwd: Path) -> None:
@@ -63,7 +65,8 @@ class Child:
             out.write(f"\n==== airfed up: {' '.join(self.argv)} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
             out.flush()
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**self.env_defaults, **env}, cwd=cwd,
                 start_new_session=True,
             )
 
@@ -287,7 +290,7 @@ def up(
             "--backend-store-uri", tracking_uri,
             "--artifacts-destination", str(artifacts),
             "--host", host, "--port", str(mlflow_port), "--workers", MLFLOW_WORKERS,
-        ], logs / "up-mlflow.log"))
+        ], logs / "up-mlflow.log", env_defaults=MLFLOW_SERVER_DEFAULTS))
     airflow = Child("airflow", [sys.executable, "-m", "airflow", "standalone"], logs / "up-airflow.log")
 
     stop = threading.Event()
@@ -301,8 +304,8 @@ def up(
     try:
         print(f"airfed: up | AIRFED_HOME {home} | DAGs {dags_folder}", file=out, flush=True)
         cwd = Path.cwd()
-        for child in children:  # the MLflow server, if local
-            child.start({**MLFLOW_SERVER_DEFAULTS, **os.environ}, cwd)
+        for child in children:
+            child.start(dict(os.environ), cwd)
         # Migrate before standalone starts (its own initdb is then a no-op), output to the log.
         from airfed.cli.terminal import output_to_log
         from airfed.environment import migrate_airflow_db

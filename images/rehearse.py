@@ -856,16 +856,23 @@ def rehearse(envs: dict[str, Env], home: Path, rounds: int = 2, tools_python: st
         summary["startup_seconds"] = round(time.monotonic() - phase)
         say(f"up in {summary['startup_seconds']}s: Airflow {deployment.airflow} (admin / {deployment.password}), "
             f"MLflow {deployment.mlflow}, S3 {deployment.s3.endpoint}, logs {deployment.logs}")
-        phase = time.monotonic()
-        run_id = deployment.trigger(rounds)
-        say(f"triggered {JOB} through the REST API: {run_id} (rounds={rounds})")
-        runs = deployment.wait_rounds(rounds)
-        summary["run_seconds"] = round(time.monotonic() - phase)
-        summary.update(deployment.verify(rounds, runs))
+        summary.update(run_and_verify(deployment, rounds))
     finally:
         teardown(deployment)
     summary["seconds"] = round(time.monotonic() - started)
     return summary
+
+
+def run_and_verify(deployment: Deployment, rounds: int) -> dict:
+    """Trigger ``rounds`` rounds of the job through the REST API, wait for them, check the outcome.
+
+    The rehearsal's run, and the fault rehearsal's fault-free first rounds (``--clean-rounds``): the
+    suite checks both on one deployment."""
+    phase = time.monotonic()
+    run_id = deployment.trigger(rounds)
+    say(f"triggered {JOB} through the REST API: {run_id} (rounds={rounds})")
+    runs = deployment.wait_rounds(rounds)
+    return {"run_seconds": round(time.monotonic() - phase), **deployment.verify(rounds, runs)}
 
 
 def teardown(deployment: Deployment) -> None:

@@ -20,6 +20,10 @@ watching task-instance states through ``/api/v2`` and HEAD in the bucket, inject
    SIGKILL, kept down until register failed for good, restarted (its SQLite backend and S3
    artifacts keep the data); ``airfed verify --repair`` registers the committed round it missed.
 
+With ``--clean-rounds N`` the job first runs N rounds without faults, checked as ``make rehearse``
+checks its run (``rehearse.run_and_verify``), and the faults hit rounds N+1 and N+2 (what the test
+suite runs: one deployment for both).
+
 Each fault's outcome (carried by retries / failed and redone / backfilled) is printed as a line;
 a round whose run failed is redone by triggering the remaining rounds again. Then, from the bucket
 and the MLflow server: HEAD's round equals the number of committed rounds (and the rounds asked
@@ -289,9 +293,9 @@ def label(ti: dict) -> str:
 
 
 # -- the faults -------------------------------------------------------------------------------------
-def kill_scheduler(d: FaultDeployment) -> str:
-    """Fault 1: SIGKILL the scheduler's process tree while round 1 trains; restart; the round goes on."""
-    run, hits = d.wait_task("train", ("running",), 0, interval=0.3)
+def kill_scheduler(d: FaultDeployment, first: int) -> str:
+    """Fault 1: SIGKILL the scheduler's process tree while round ``first`` trains; restart; the round goes on."""
+    run, hits = d.wait_task("train", ("running",), first - 1, interval=0.3)
     started = time.monotonic()
     scheduler = d.service("airflow-scheduler")
     assert scheduler.proc is not None
@@ -309,9 +313,9 @@ def kill_scheduler(d: FaultDeployment) -> str:
             f"(round done {time.monotonic() - started:.0f}s after the kill)")
 
 
-def stop_s3(d: FaultDeployment, rounds: int) -> str:
-    """Fault 2: the S3 endpoint unreachable for 30 s while round 2 trains; a failed run is redone."""
-    run, hits = d.wait_task("train", ("running",), 1, interval=0.3)
+def stop_s3(d: FaultDeployment, first: int, last: int) -> str:
+    """Fault 2: the S3 endpoint unreachable for 30 s while round ``first + 1`` trains; a failed run is redone."""
+    run, hits = d.wait_task("train", ("running",), first, interval=0.3)
     proxy = d.service("s3")
     d.stopped.add(proxy.name)
     proxy.signal_group(signal.SIGKILL)
@@ -331,7 +335,7 @@ def stop_s3(d: FaultDeployment, rounds: int) -> str:
     after = f"{time.monotonic() - stopped:.0f}s after the stop"
     if outcome == "failed":
         report = d.failure_report([run])
-        d.redo(rounds - d.head_round())
+        d.redo(last - d.head_round())
         return (f"S3 stopped {S3_OUTAGE_SECONDS:.0f}s mid-round: failed clearly ({after}), redone by the next run "
                 f"({report[:400]})")
     again = d.retried(run, exclude=("register", "next_round"))
@@ -340,9 +344,9 @@ def stop_s3(d: FaultDeployment, rounds: int) -> str:
             f"in the task logs; {how}; round committed {after})")
 
 
-def stop_mlflow(d: FaultDeployment, rounds: int) -> str:
-    """Fault 3: SIGKILL the MLflow server while the last round registers; restart; backfill."""
-    run, hits = d.wait_task("register", UNDER_WAY, rounds, interval=0.3)
+def stop_mlflow(d: FaultDeployment, last: int) -> str:
+    """Fault 3: SIGKILL the MLflow server while the last round (``last``) registers; restart; backfill."""
+    run, hits = d.wait_task("register", UNDER_WAY, last, interval=0.3)
     mlflow = d.service("mlflow")
     d.stopped.add(mlflow.name)
     mlflow.signal_group(signal.SIGKILL)
@@ -442,9 +446,14 @@ def check_consistent(d: FaultDeployment, rounds: int) -> dict:
 
 
 def rehearse_faults(envs: dict[str, rehearse.Env], home: Path, rounds: int = ROUNDS,
-                    tools_python: str | None = None) -> dict:
-    """Deploy, run ``rounds`` rounds under the three faults, check consistency; a summary."""
+                    tools_python: str | None = None, clean_rounds: int = 0) -> dict:
+    """Deploy, run ``rounds`` rounds under the three faults, check consistency; a summary.
+
+    With ``clean_rounds``, the deployment first runs that many rounds without faults, checked as
+    ``make rehearse`` checks its run (``rehearse.run_and_verify``; their figures under ``"clean"``):
+    one deployment for both instead of starting every server twice (the test suite's way)."""
     check(rounds >= 2, "the faults need at least 2 rounds (the scheduler in round 1, S3 and MLflow in the last)")
+    first, last = clean_rounds + 1, clean_rounds + rounds
     started = time.monotonic()
     d = FaultDeployment(home, envs, tools_python or sys.executable)
     d.stage()
@@ -452,15 +461,18 @@ def rehearse_faults(envs: dict[str, rehearse.Env], home: Path, rounds: int = ROU
     try:
         d.up()
         say(f"up: Airflow {d.airflow}, MLflow {d.mlflow}, S3 {d.endpoint} (moto {d.s3.endpoint}), logs {d.logs}")
+        if clean_rounds:
+            summary["clean"] = rehearse.run_and_verify(d, clean_rounds)
+            say(f"rounds 1..{clean_rounds} without faults: ok ({summary['clean']['verify']})")
         say(f"triggered {JOB} through the REST API: {d.trigger(rounds)} (rounds={rounds})")
         outcomes = summary["outcomes"]
-        outcomes.append(kill_scheduler(d))
+        outcomes.append(kill_scheduler(d, first))
         say(outcomes[-1])
-        outcomes.append(stop_s3(d, rounds))
+        outcomes.append(stop_s3(d, first, last))
         say(outcomes[-1])
-        outcomes.append(stop_mlflow(d, rounds))
+        outcomes.append(stop_mlflow(d, last))
         say(outcomes[-1])
-        summary.update(check_consistent(d, rounds))
+        summary.update(check_consistent(d, last))
         summary["dag_runs"] = [r["state"] for r in d.dag_runs()]
     finally:
         rehearse.teardown(d)
@@ -481,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
         forward(int(argv[1]), int(argv[2]))
         return 0
     parser = argparse.ArgumentParser(prog="rehearse_faults.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds to run (default {ROUNDS})")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds under faults (default {ROUNDS})")
+    parser.add_argument("--clean-rounds", type=int, default=0,
+                        help="rounds to run and check as `make rehearse` does before the faults (default 0)")
     parser.add_argument("--cache", type=Path, default=rehearse.CACHE, help="where the environments are kept")
     parser.add_argument("--home", type=Path, default=None, help="AIRFED_HOME of the deployment (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep the home (logs, DBs) after a successful run")
@@ -489,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     home = ns.home or Path(tempfile.mkdtemp(prefix="airfed-faults-")) / "home"
     try:
-        summary = rehearse_faults(rehearse.build_envs(ns.cache), home, ns.rounds)
+        summary = rehearse_faults(rehearse.build_envs(ns.cache), home, ns.rounds, clean_rounds=ns.clean_rounds)
     except RehearsalFailed as exc:
         print(f"rehearse-faults: FAILED: {exc}\nrehearse-faults: logs under {home}", file=sys.stderr, flush=True)
         return 1

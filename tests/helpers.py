@@ -7,14 +7,18 @@ other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +63,64 @@ def airfed_cli(home: Path, *args: str, env_extra: dict[str, str] | None = None,
     )
 
 
+@contextlib.contextmanager
+def _fds_to(out: Any, err: Any) -> Iterator[None]:
+    """Point fds 1/2 (and sys.stdout/stderr) at two files, as a child's would be; restore after."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    streams = sys.stdout, sys.stderr
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout = open(os.dup(1), "w", buffering=1)  # noqa: SIM115 - closed below
+    sys.stderr = open(os.dup(2), "w", buffering=1)  # noqa: SIM115 - closed below
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            stream.close()
+        sys.stdout, sys.stderr = streams
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def airfed_in_process(home: Path, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``airfed ARGS`` (``airfed.cli.main``) in this test process on a fresh embedded default under
+    ``home``; its exit code and output as ``airfed_cli`` returns them.
+
+    For runs whose subject is what the DAG does, not the process: this process has imported Airflow,
+    migrated its DB (``airflow_db``) and built the in-process execution API once, ~6 s of CPU that a
+    fresh ``airfed run`` pays each time. Airflow's metadata DB is this session's; the store, MLflow,
+    logs and data are ``home``'s as in a subprocess. Every variable the command sets is restored.
+    """
+    from airfed.cli import main
+
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryFile("w+") as out, \
+            tempfile.TemporaryFile("w+") as err:
+        for name in [k for k in os.environ if k.startswith(("AIRFED_", "MLFLOW_")) and k not in
+                     (WARM_DIR_ENV, "AIRFED_TESTS_WARM_DIR")]:
+            patch.delenv(name)
+        # what ``configure`` and ``run`` set for themselves: registered so that they are restored
+        for name in ("AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "PYTHONPATH"):
+            patch.setenv(name, os.environ.get(name, ""))
+        patch.setenv("AIRFED_HOME", str(home))
+        for name, value in (env_extra or {}).items():
+            patch.setenv(name, value)
+        patch.setattr(sys, "path", list(sys.path))
+        with _fds_to(out, err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+                print(exc.code, file=sys.stderr)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["airfed", *args], code, out.read(), err.read())
+
+
 def json_summary(proc: subprocess.CompletedProcess) -> dict[str, Any] | None:
     """The ``--json`` summary (the last line ``airfed run`` prints), or None."""
     try:
@@ -94,9 +156,9 @@ def make_fault_spec(tmp_path: Path, name: str, silos: dict[str, str], **override
 
 
 def run_fault_spec(home: Path, spec: Path, *args: str, extra_env: dict[str, str] | None = None):
-    """``airfed run SPEC --json --rounds 1`` with the fault-injecting ClientApp importable."""
-    proc = airfed_cli(home, "run", str(spec), "--json", "--rounds", "1", *args,
-                      env_extra={"PYTHONPATH": str(FIXTURES), **(extra_env or {})}, timeout=900)
+    """``airfed run SPEC --json --rounds 1`` (in this process) with the fault-injecting ClientApp importable."""
+    proc = airfed_in_process(home, "run", str(spec), "--json", "--rounds", "1", *args,
+                             env_extra={"PYTHONPATH": str(FIXTURES), **(extra_env or {})})
     return proc, json_summary(proc)
 
 

@@ -1,14 +1,18 @@
 """The deployed form under faults: ``images/rehearse_faults.py`` under pytest.
 
-One deployment as ``tests/test_rehearse.py``'s (on the same environments, cached under ``.rehearse/``:
-built once, airfed reinstalled only when its sources changed), the digits job for 2 rounds through
-the REST API, and three faults in sequence under Airflow's real scheduler: the scheduler's process
-tree SIGKILLed while round 1 trains, the S3 endpoint gone for 30 s while round 2 trains, the MLflow
-server killed while round 2 registers. Asserted on outcomes: HEAD's round equals the committed
-rounds, one registry version per committed round holding the store's global, the champion the
-promotion rule picks, ``airfed verify --all`` passing. The small tests first check the pieces the
-faults rely on: the S3 endpoint that can go away keeps the data behind it, a killed process tree
-leaves nothing running, the champion rule the check applies is the register step's.
+One deployment of the deployed form (on tests/test_rehearse.py's environments, cached under
+``.rehearse/``: built once, airfed reinstalled only when its sources changed) runs the digits job
+through the REST API: first 2 rounds without faults, checked as ``make rehearse`` checks its run
+(HEAD and every object in the bucket, registry versions and champion, MLflow artifacts in S3, the FL
+jobs page, every extra link, ``airfed verify --all``), then 2 more rounds under three faults in
+sequence under Airflow's real scheduler: the scheduler's process tree SIGKILLed while round 3
+trains, the S3 endpoint gone for 30 s while round 4 trains, the MLflow server killed while round 4
+registers. Asserted on outcomes: HEAD's round equals the committed rounds, one registry version per
+committed round holding the store's global, the champion the promotion rule picks, ``airfed verify
+--all`` passing. (One deployment for both: every server started once, ~30 s of CPU less.)
+The small tests first check the pieces the faults rely on: the S3 endpoint that can go away keeps
+the data behind it, a killed process tree leaves nothing running, the champion rule the check
+applies is the register step's.
 """
 
 from __future__ import annotations
@@ -118,15 +122,31 @@ def test_the_champion_check_applies_the_promotion_rule_round_by_round():
     assert rehearse_faults.expected_champion([version(1, 1, None)], "maximize") is None
 
 
-def test_three_faults_under_the_real_scheduler_leave_store_registry_and_champion_consistent(envs, tmp_path):
-    summary = rehearse_faults.rehearse_faults(envs, tmp_path / "home")
+#: fault-free rounds before the faults: the deployed form's end-to-end run (``make rehearse``'s checks)
+CLEAN_ROUNDS = 2
+
+
+def test_the_deployed_form_runs_clean_rounds_then_three_faults_leave_store_registry_and_champion_consistent(
+        envs, tmp_path):
+    summary = rehearse_faults.rehearse_faults(envs, tmp_path / "home", clean_rounds=CLEAN_ROUNDS)
     print(*summary["outcomes"], rehearse_faults.summary_line(summary), sep="\n")
+    # the clean rounds, checked as `make rehearse` checks its run (rehearse.run_and_verify)
+    clean = summary["clean"]
+    assert clean["head_round"] == CLEAN_ROUNDS and clean["registry_versions"] == CLEAN_ROUNDS
+    assert clean["dag_runs"] >= 1 and clean["champion"] in range(1, CLEAN_ROUNDS + 1)
+    assert clean["links"] >= CLEAN_ROUNDS and clean["mlflow_artifacts"] >= CLEAN_ROUNDS
+    assert clean["objects"] >= 1 + CLEAN_ROUNDS * (4 + 2 * 3)  # HEAD, per round plan/global/result/registry + updates
+    clean_rounds = ", ".join(map(str, range(1, CLEAN_ROUNDS + 1)))  # airfed verify --all recomputed them from S3
+    assert clean["verify"] == f"digits: round(s) {clean_rounds} verified ({rehearse.STORE_URL})", clean["verify"]
+    # then the faults, one per fault round
     scheduler, s3, mlflow = summary["outcomes"]
     assert scheduler.startswith("scheduler SIGKILLed mid-round: carried; the restarted scheduler reset and re-ran")
     assert s3.startswith("S3 stopped 30s mid-round: ")
     assert "carried by retries" in s3 or "redone by the next run" in s3
     assert mlflow.startswith("MLflow killed during register: ")
     assert "backfilled by airfed verify --repair" in mlflow or "carried by register's retries" in mlflow
-    assert summary["head_round"] == summary["committed"] == summary["registry_versions"] == rehearse_faults.ROUNDS
-    assert summary["champion"] in range(1, rehearse_faults.ROUNDS + 1)
-    assert summary["verify"] == f"digits: round(s) 1, 2 verified ({rehearse.STORE_URL})"
+    total = CLEAN_ROUNDS + rehearse_faults.ROUNDS
+    assert summary["head_round"] == summary["committed"] == summary["registry_versions"] == total
+    assert summary["champion"] in range(1, total + 1)
+    rounds = ", ".join(map(str, range(1, total + 1)))
+    assert summary["verify"] == f"digits: round(s) {rounds} verified ({rehearse.STORE_URL})"

@@ -1,4 +1,5 @@
-"""Fault injection through real DAG runs (``airfed run`` → Airflow's dag.test()).
+"""Fault injection through real DAG runs (``airfed run`` → Airflow's dag.test(), in the test process:
+``helpers.airfed_in_process``; the command's own process is under test in test_run.py).
 
 Misbehaving silos come from tests/fixtures/airfed_faults.py, selected per silo by node_config
 (specs from ``helpers.make_fault_spec``). What each step does with a fault (every rejection reason,
@@ -19,7 +20,7 @@ from fl_tasks.steps.distribute import sample_silos
 from fl_tasks.warm import SubprocessLauncher, run
 
 
-def test_sampled_round_then_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path):
+def test_sampled_round_then_quorum_failure_keeps_head_and_champion_then_resumes(tmp_path, airflow_db):
     """Round 1 samples 2 of 4 silos (the others' tasks skip); round 2 loses its quorum (two silos
     raise: the run fails, nothing moves); round 3 (round 2 again) commits without its failed silo."""
     home = tmp_path / "home"
@@ -60,7 +61,7 @@ def test_sampled_round_then_quorum_failure_keeps_head_and_champion_then_resumes(
     assert store_json(home, "faulty/HEAD.json")["round"] == 2
 
 
-def test_aggregator_killed_before_head_is_finished_by_the_next_run(tmp_path, monkeypatch):
+def test_aggregator_killed_before_head_is_finished_by_the_next_run(tmp_path, monkeypatch, airflow_db):
     """result.json is the commit point; a crash before HEAD moved is finished (rolled forward) by the
     next writer instead of being redone, and its registry version is backfilled."""
     home = tmp_path / "home"

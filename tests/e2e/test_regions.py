@@ -1,24 +1,24 @@
 """End to end, one full run: ``airfed run dags/digits_regions.yaml --rounds 3 --json`` through Airflow's
-dag.test() on the embedded default, each region's store a separate directory. Every round commits
-from all three regions, the summary counts accepted updates per region, no silo's update object
-exists outside its region's store, ``airfed verify --all`` recomputes both levels, and the model
-learns as the flat job does."""
+dag.test() on the embedded default (in the test process: ``helpers.airfed_in_process``), each region's
+store a separate directory. Every round commits from all three regions, the summary counts accepted
+updates per region, no silo's update object exists outside its region's store, ``airfed verify --all``
+recomputes both levels, and the model learns as the flat job does."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from helpers import REPO, airfed_cli, json_summary
+from helpers import REPO, airfed_cli, airfed_in_process, json_summary
 
 SPEC = REPO / "dags" / "digits_regions.yaml"
 REGIONS = {"us": ["us-east", "us-west"], "eu": ["eu-berlin", "eu-paris"], "asia": ["asia-tokyo", "asia-seoul"]}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, airflow_db):
     home = tmp_path_factory.mktemp("e2e-regions") / "home"
-    proc = airfed_cli(home, "run", str(SPEC), "--rounds", "3", "--json")
+    proc = airfed_in_process(home, "run", str(SPEC), "--rounds", "3", "--json")  # the DAG under test, not the process
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return home, json_summary(proc), proc.stdout
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, small_example_spec, stop_warm_servers
+from helpers import REPO, airfed_in_process, small_example_spec
 from minio import Minio
 
 BUCKET, PREFIX = "airfed", "test"
@@ -47,15 +47,14 @@ def read(client: Minio, key: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3_endpoint, tmp_path_factory):
+def s3_run(s3_endpoint, tmp_path_factory, airflow_db):
+    """``airfed run`` in the test process (the S3 path under test, not the process: test_run.py)."""
     root = tmp_path_factory.mktemp("s3")
     home, spec = root / "home", small_example_spec(root / "spec", silos=SILOS)
-    try:
-        proc = run_cli(home, s3_endpoint, "run", str(spec), "--rounds", "2", "--json")
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        yield home, json.loads(proc.stdout.strip().splitlines()[-1]), spec
-    finally:  # the run's warm step server (it would idle on for minutes after the module)
-        stop_warm_servers(home / "run")
+    proc = airfed_in_process(home, "run", str(spec), "--rounds", "2", "--json",
+                             env_extra={**s3_endpoint, "AIRFED_STORE_URL": f"s3://{BUCKET}/{PREFIX}"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return home, json.loads(proc.stdout.strip().splitlines()[-1]), spec
 
 
 def test_run_against_s3_commits_rounds_in_the_bucket(s3_run, s3_endpoint):

@@ -77,22 +77,22 @@ def airflow_db() -> None:
 #: --no-loadscope-reorder``: modules go to whichever worker is free in this order (longest first),
 #: so the rehearsal (it builds both image environments from scratch) starts at once instead of
 #: being the tail, and the short modules fill the gaps at the end.
-SLOWEST_FIRST = (  # by seconds alone on a quiet 2-core machine (the rehearsals' environments already built)
-    "tests/test_rehearse_faults.py",  # 142
-    "tests/e2e/test_up.py",  # 73
-    "tests/test_rehearse.py",  # 70
-    "tests/e2e/test_faults.py",  # 66
-    "tests/e2e/test_concurrent_runs.py",  # 59
-    "tests/e2e/test_run.py",  # 52
-    "tests/e2e/test_regions.py",  # 44
-    "tests/e2e/test_approval.py",  # 44
-    "tests/fl_tasks/test_launch.py",  # 36
-    "tests/e2e/test_launcher_globals.py",  # 31
-    "tests/fl_tasks/test_strategies.py",  # 26
-    "tests/e2e/test_run_s3.py",  # 24
-    "tests/plugins/airfed/cli/test_offline.py",  # 22
-    "tests/e2e/test_kubernetes_pods.py",  # 21
-    "tests/fl_tasks/test_round_faults.py",  # 15
+SLOWEST_FIRST = (  # seconds in `make test` (3 workers, 2 cores, the rehearsal's environments already built)
+    "tests/test_rehearse_faults.py",  # 200 (it builds the environments when they are missing)
+    "tests/e2e/test_up.py",  # 115
+    "tests/e2e/test_concurrent_runs.py",  # 70 (mostly waiting: two runs racing)
+    "tests/e2e/test_faults.py",  # 41
+    "tests/e2e/test_run.py",  # 36
+    "tests/e2e/test_regions.py",  # 36
+    "tests/e2e/test_approval.py",  # 33
+    "tests/fl_tasks/test_launch.py",  # 31
+    "tests/test_rehearse.py",  # 24 (after the faults module has built or found the environments)
+    "tests/e2e/test_launcher_globals.py",  # 23
+    "tests/plugins/airfed/cli/test_offline.py",  # 19
+    "tests/fl_tasks/store/test_policy_enforcement.py",  # 18
+    "tests/e2e/test_run_s3.py",  # 17
+    "tests/e2e/test_kubernetes_pods.py",  # 15
+    "tests/fl_tasks/test_round_faults.py",  # 14
 )
 
 

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,31 +93,31 @@ def airfed_in_process(home: Path, *args: str, env_extra: dict[str, str] | None =
     For runs whose subject is what the DAG does, not the process: this process has imported Airflow,
     migrated its DB (``airflow_db``) and built the in-process execution API once, ~6 s of CPU that a
     fresh ``airfed run`` pays each time. Airflow's metadata DB is this session's; the store, MLflow,
-    logs and data are ``home``'s as in a subprocess. Every variable the command sets is restored.
+    logs and data are ``home``'s as in a subprocess. The environment and ``sys.path`` are restored
+    after (the command sets AIRFED_SPECS, the DAGs folder, PYTHONPATH, ... for itself).
     """
     from airfed.cli import main
 
-    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryFile("w+") as out, \
-            tempfile.TemporaryFile("w+") as err:
+    environ, path = dict(os.environ), list(sys.path)  # the command sets what it needs (AIRFED_SPECS, ...)
+    try:
         for name in [k for k in os.environ if k.startswith(("AIRFED_", "MLFLOW_")) and k not in
                      (WARM_DIR_ENV, "AIRFED_TESTS_WARM_DIR")]:
-            patch.delenv(name)
-        # what ``configure`` and ``run`` set for themselves: registered so that they are restored
-        for name in ("AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "PYTHONPATH"):
-            patch.setenv(name, os.environ.get(name, ""))
-        patch.setenv("AIRFED_HOME", str(home))
-        for name, value in (env_extra or {}).items():
-            patch.setenv(name, value)
-        patch.setattr(sys, "path", list(sys.path))
-        with _fds_to(out, err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-                print(exc.code, file=sys.stderr)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(["airfed", *args], code, out.read(), err.read())
+            del os.environ[name]
+        os.environ.update({"AIRFED_HOME": str(home), **(env_extra or {})})
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            with _fds_to(out, err):
+                try:
+                    code = main(list(args))
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                    print(exc.code, file=sys.stderr)
+            out.seek(0)
+            err.seek(0)
+            return subprocess.CompletedProcess(["airfed", *args], code, out.read(), err.read())
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        sys.path[:] = path
 
 
 def json_summary(proc: subprocess.CompletedProcess) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ trains, the S3 endpoint gone for 30 s while round 4 trains, the MLflow server ki
 registers. Asserted on outcomes: HEAD's round equals the committed rounds, one registry version per
 committed round holding the store's global, the champion the promotion rule picks, ``airfed verify
 --all`` passing. (One deployment for both: every server started once, ~30 s of CPU less.)
-The small tests first check the pieces the faults rely on: the S3 endpoint that can go away keeps
+The small tests check the pieces the faults rely on: the S3 endpoint that can go away keeps
 the data behind it, a killed process tree leaves nothing running, the champion rule the check
 applies is the register step's.
 """
@@ -43,6 +43,40 @@ pytestmark = pytest.mark.deployed
 @pytest.fixture(scope="module")
 def envs() -> dict[str, rehearse.Env]:
     return rehearse.build_envs()
+
+
+#: fault-free rounds before the faults: the deployed form's end-to-end run (``make rehearse``'s checks)
+CLEAN_ROUNDS = 2
+
+
+# First in the file: pytest-xdist (--dist loadfile) hands a worker its next file once two or fewer of
+# its tests are pending; with this test last, that worker got a second long file queued behind it.
+
+
+def test_the_deployed_form_runs_clean_rounds_then_three_faults_leave_store_registry_and_champion_consistent(
+        envs, tmp_path):
+    summary = rehearse_faults.rehearse_faults(envs, tmp_path / "home", clean_rounds=CLEAN_ROUNDS)
+    print(*summary["outcomes"], rehearse_faults.summary_line(summary), sep="\n")
+    # the clean rounds, checked as `make rehearse` checks its run (rehearse.run_and_verify)
+    clean = summary["clean"]
+    assert clean["head_round"] == CLEAN_ROUNDS and clean["registry_versions"] == CLEAN_ROUNDS
+    assert clean["dag_runs"] >= 1 and clean["champion"] in range(1, CLEAN_ROUNDS + 1)
+    assert clean["links"] >= CLEAN_ROUNDS and clean["mlflow_artifacts"] >= CLEAN_ROUNDS
+    assert clean["objects"] >= 1 + CLEAN_ROUNDS * (4 + 2 * 3)  # HEAD, per round plan/global/result/registry + updates
+    clean_rounds = ", ".join(map(str, range(1, CLEAN_ROUNDS + 1)))  # airfed verify --all recomputed them from S3
+    assert clean["verify"] == f"digits: round(s) {clean_rounds} verified ({rehearse.STORE_URL})", clean["verify"]
+    # then the faults, one per fault round
+    scheduler, s3, mlflow = summary["outcomes"]
+    assert scheduler.startswith("scheduler SIGKILLed mid-round: carried; the restarted scheduler reset and re-ran")
+    assert s3.startswith("S3 stopped 30s mid-round: ")
+    assert "carried by retries" in s3 or "redone by the next run" in s3
+    assert mlflow.startswith("MLflow killed during register: ")
+    assert "backfilled by airfed verify --repair" in mlflow or "carried by register's retries" in mlflow
+    total = CLEAN_ROUNDS + rehearse_faults.ROUNDS
+    assert summary["head_round"] == summary["committed"] == summary["registry_versions"] == total
+    assert summary["champion"] in range(1, total + 1)
+    rounds = ", ".join(map(str, range(1, total + 1)))
+    assert summary["verify"] == f"digits: round(s) {rounds} verified ({rehearse.STORE_URL})"
 
 
 def wait_until(ready, timeout: float = 30) -> None:
@@ -120,33 +154,3 @@ def test_the_champion_check_applies_the_promotion_rule_round_by_round():
     assert rehearse_faults.expected_champion(versions, "minimize") == "1"
     assert rehearse_faults.expected_champion([version(1, 1, math.nan), version(2, 2, 0.1)], "maximize") == "2"
     assert rehearse_faults.expected_champion([version(1, 1, None)], "maximize") is None
-
-
-#: fault-free rounds before the faults: the deployed form's end-to-end run (``make rehearse``'s checks)
-CLEAN_ROUNDS = 2
-
-
-def test_the_deployed_form_runs_clean_rounds_then_three_faults_leave_store_registry_and_champion_consistent(
-        envs, tmp_path):
-    summary = rehearse_faults.rehearse_faults(envs, tmp_path / "home", clean_rounds=CLEAN_ROUNDS)
-    print(*summary["outcomes"], rehearse_faults.summary_line(summary), sep="\n")
-    # the clean rounds, checked as `make rehearse` checks its run (rehearse.run_and_verify)
-    clean = summary["clean"]
-    assert clean["head_round"] == CLEAN_ROUNDS and clean["registry_versions"] == CLEAN_ROUNDS
-    assert clean["dag_runs"] >= 1 and clean["champion"] in range(1, CLEAN_ROUNDS + 1)
-    assert clean["links"] >= CLEAN_ROUNDS and clean["mlflow_artifacts"] >= CLEAN_ROUNDS
-    assert clean["objects"] >= 1 + CLEAN_ROUNDS * (4 + 2 * 3)  # HEAD, per round plan/global/result/registry + updates
-    clean_rounds = ", ".join(map(str, range(1, CLEAN_ROUNDS + 1)))  # airfed verify --all recomputed them from S3
-    assert clean["verify"] == f"digits: round(s) {clean_rounds} verified ({rehearse.STORE_URL})", clean["verify"]
-    # then the faults, one per fault round
-    scheduler, s3, mlflow = summary["outcomes"]
-    assert scheduler.startswith("scheduler SIGKILLed mid-round: carried; the restarted scheduler reset and re-ran")
-    assert s3.startswith("S3 stopped 30s mid-round: ")
-    assert "carried by retries" in s3 or "redone by the next run" in s3
-    assert mlflow.startswith("MLflow killed during register: ")
-    assert "backfilled by airfed verify --repair" in mlflow or "carried by register's retries" in mlflow
-    total = CLEAN_ROUNDS + rehearse_faults.ROUNDS
-    assert summary["head_round"] == summary["committed"] == summary["registry_versions"] == total
-    assert summary["champion"] in range(1, total + 1)
-    rounds = ", ".join(map(str, range(1, total + 1)))
-    assert summary["verify"] == f"digits: round(s) {rounds} verified ({rehearse.STORE_URL})"

@@ -29,8 +29,10 @@ def test_sampled_round_then_quorum_failure_keeps_head_and_champion_then_resumes(
     bad = make_fault_spec(tmp_path, "bad", {"a": "", "b": "raise", "c": "raise"})
     one_down = make_fault_spec(tmp_path, "one-down", {"a": "", "b": "", "c": "raise"})
 
+    environ = dict(os.environ)
     proc, first = airfed_run(home, sampled)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert dict(os.environ) == environ  # the in-process run left nothing behind (AIRFED_SPECS hid other DAGs)
     head_before = store_json(home, "faulty/HEAD.json")
     assert head_before["round"] == 1
     expected = sample_silos(["a", "b", "c", "d"], 0.5, seed=3, job="faulty", r=1, at_least=2)
